@@ -1,0 +1,291 @@
+"""Settings from the environment and an optional TOML file (env wins); errors name their source."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from machine.errors import ConfigError, Problem
+
+CONFIG_ENV = "MACHINE_CONFIG"
+
+
+class Settings(BaseSettings):
+    """Everything a node is configured with. Env names are the field names in upper case;
+    TOML keys are the field names."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        case_sensitive=False,
+        env_ignore_empty=True,
+        validate_default=True,
+    )
+
+    enable_comfyui: bool = Field(True, description="true or false")
+    num_gpus: int | None = Field(
+        None,
+        ge=0,
+        description="a whole number >= 1; unset means every GPU found (1 in CPU mode)",
+    )
+    comfyui_cpu_only: bool = Field(False, description="true or false")
+    comfyui_port_start: int = Field(8188, ge=1, le=65535, description="a TCP port, 1-65535")
+    comfyui_listen: str = Field("127.0.0.1", description="an IPv4 or IPv6 address")
+    comfyui_args: str = Field("", description="extra ComfyUI flags, shell-quoted")
+    comfyui_repo: str = Field(
+        "https://github.com/Comfy-Org/ComfyUI.git", description="a git URL"
+    )
+    comfyui_ref: str = Field("v0.3.64", min_length=1, description="a commit, tag or branch")
+    comfyui_install_path: Path | None = Field(
+        None, description="a directory; default <MACHINE_WORKSPACE>/ComfyUI"
+    )
+    comfyui_models_path: Path | None = Field(
+        None, description="a directory; default <MACHINE_WORKSPACE>/models"
+    )
+    comfyui_python: Path | None = Field(
+        None, description="a Python interpreter for ComfyUI; default the agent's own"
+    )
+    machine_workspace: Path = Field(Path("/workspace"), description="a writable directory")
+    machine_health_port: int = Field(9188, ge=1, le=65535, description="a TCP port, 1-65535")
+    machine_health_listen: str = Field("0.0.0.0", description="an IPv4 or IPv6 address")
+    machine_config: Path | None = Field(None, description="a TOML file")
+    max_queue_depth: int | None = Field(
+        None, ge=1, description="a whole number >= 1; unset means no limit"
+    )
+    probe_interval: float = Field(2.0, gt=0, le=60, description="seconds, > 0 and <= 60")
+    probe_timeout: float = Field(5.0, gt=0, le=120, description="seconds, > 0 and <= 120")
+    smoke_timeout: float = Field(120.0, gt=0, description="seconds, > 0")
+    instance_startsecs: int = Field(
+        10, ge=0, le=600, description="seconds an instance must stay up to count as started"
+    )
+    instance_start_retries: int = Field(
+        3, ge=0, le=100, description="failed starts in a row before an instance is FATAL"
+    )
+    instance_stop_timeout: int = Field(
+        5, ge=1, le=60, description="seconds between SIGINT and the group kill on stop"
+    )
+    instance_log_max_bytes: int = Field(
+        50 * 1024 * 1024, ge=0, description="bytes per instance log file before rotation"
+    )
+    instance_log_backups: int = Field(5, ge=0, le=100, description="rotated log files kept")
+
+    @field_validator("comfyui_listen", "machine_health_listen")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("not an IP address") from None
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings merges TOML < env < overrides itself, so the environment a test or the
+        # demo passes is the only one read, and the source of each value stays known.
+        return (init_settings,)
+
+    # Derived paths: one place decides the workspace layout.
+    @property
+    def install_path(self) -> Path:
+        return self.comfyui_install_path or self.machine_workspace / "ComfyUI"
+
+    @property
+    def models_path(self) -> Path:
+        return self.comfyui_models_path or self.machine_workspace / "models"
+
+    @property
+    def python(self) -> Path:
+        return self.comfyui_python or Path(sys.executable)
+
+
+def _describe_source(field: str, env: dict[str, str], toml_path: Path | None) -> str:
+    if field.upper() in env:
+        return field.upper()
+    if toml_path is not None:
+        return f"{field} (in {toml_path})"
+    return field.upper()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(
+            [Problem(CONFIG_ENV, str(path), "file not found; point it at a TOML file or unset it")]
+        ) from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            [Problem(CONFIG_ENV, str(path), f"cannot be read as TOML: {exc}")]
+        ) from None
+
+
+def load_settings(
+    environ: dict[str, str] | None = None, **overrides: Any
+) -> Settings:
+    """Build Settings from the environment and MACHINE_CONFIG; ConfigError lists every problem.
+
+    ``overrides`` win over everything (used by the demo and tests)."""
+    env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+    config_path_text = overrides.get("machine_config") or env.get(CONFIG_ENV) or None
+    toml_path = Path(config_path_text) if config_path_text else None
+    file_values: dict[str, Any] = _read_toml(toml_path) if toml_path else {}
+    if toml_path:
+        file_values["machine_config"] = toml_path
+    # Only our own variables are read; others in the environment are none of our business.
+    known = {name.upper() for name in Settings.model_fields}
+    scoped_env = {k: v for k, v in env.items() if k in known and v != ""}
+    merged = {**file_values, **{k.lower(): v for k, v in scoped_env.items()}, **overrides}
+    try:
+        settings = Settings(**merged)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc, scoped_env, toml_path)) from None
+    problems = check_settings(settings, scoped_env, toml_path)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _problems(exc: ValidationError, env: dict[str, str], toml_path: Path | None) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        given = err.get("input")
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(field, Settings.model_fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            accepted = ", ".join(sorted(Settings.model_fields))
+            problems.append(
+                Problem(
+                    f"{field} (in {toml_path})" if toml_path else field,
+                    _show(given),
+                    f"unknown key; {hint}accepted keys: {accepted}",
+                )
+            )
+            continue
+        info = Settings.model_fields.get(field)
+        accepted = info.description if info and info.description else ""
+        reason = err["msg"].removeprefix("Value error, ")
+        problems.append(
+            Problem(
+                _describe_source(field, env, toml_path),
+                _show(given),
+                f"{reason}; expected {accepted}" if accepted else reason,
+            )
+        )
+    return problems
+
+
+def _show(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# Flags whose value the plan decides; a user setting them would break the port/GPU layout.
+OWNED_FLAGS = {
+    "--port": "ports come from COMFYUI_PORT_START (instance i gets COMFYUI_PORT_START + i)",
+    "--listen": "set COMFYUI_LISTEN instead",
+    "--cuda-device": "each instance sees exactly its own GPU through CUDA_VISIBLE_DEVICES",
+    "--output-directory": "outputs are shared under MACHINE_WORKSPACE/output",
+    "--input-directory": "inputs are shared under MACHINE_WORKSPACE/input",
+}
+
+
+def owned_flag(token: str) -> str | None:
+    """The plan-owned flag that ``token`` sets (argparse accepts unique prefixes), if any."""
+    if not token.startswith("--") or len(token) < 4:
+        return None
+    name = token.split("=", 1)[0]
+    for flag in OWNED_FLAGS:
+        if flag == name or (flag.startswith(name) and name not in ("--cpu",)):
+            return flag
+    return None
+
+
+def check_settings(
+    settings: Settings, env: dict[str, str] | None = None, toml_path: Path | None = None
+) -> list[Problem]:
+    """Cross-field checks pydantic cannot express; one Problem per issue."""
+    import shlex
+
+    env = env or {}
+
+    def src(field: str) -> str:
+        return _describe_source(field, env, toml_path)
+
+    problems: list[Problem] = []
+    if settings.enable_comfyui and settings.num_gpus == 0:
+        problems.append(
+            Problem(
+                src("num_gpus"),
+                "0",
+                "ComfyUI is enabled, so at least one instance is needed; set NUM_GPUS >= 1, "
+                "unset it to use every GPU found, or set ENABLE_COMFYUI=false",
+            )
+        )
+    try:
+        tokens = shlex.split(settings.comfyui_args)
+    except ValueError as exc:
+        problems.append(
+            Problem(src("comfyui_args"), _show(settings.comfyui_args), f"cannot be parsed: {exc}")
+        )
+        tokens = []
+    for token in tokens:
+        flag = owned_flag(token)
+        if flag:
+            problems.append(
+                Problem(
+                    src("comfyui_args"),
+                    _show(settings.comfyui_args),
+                    f"{token} is set by comfy-machine's plan, not by COMFYUI_ARGS: "
+                    f"{OWNED_FLAGS[flag]}",
+                )
+            )
+    if settings.num_gpus:
+        problems.extend(check_ports(settings, settings.num_gpus, env, toml_path))
+    return problems
+
+
+def check_ports(
+    settings: Settings, count: int, env: dict[str, str] | None = None, toml_path: Path | None = None
+) -> list[Problem]:
+    """The instance port range must fit in 1-65535 and must not include the health port."""
+    env = env or {}
+    first, last = settings.comfyui_port_start, settings.comfyui_port_start + count - 1
+    source = _describe_source("comfyui_port_start", env, toml_path)
+    if last > 65535:
+        return [
+            Problem(
+                source,
+                str(first),
+                f"{count} instances need ports {first}-{last}, past 65535; "
+                f"use a start <= {65536 - count}",
+            )
+        ]
+    if first <= settings.machine_health_port <= last:
+        return [
+            Problem(
+                source,
+                str(first),
+                f"instance ports {first}-{last} include MACHINE_HEALTH_PORT="
+                f"{settings.machine_health_port}; move one of them",
+            )
+        ]
+    return []

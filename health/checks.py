@@ -1,0 +1,265 @@
+"""Health checks: pure functions from MachineState to (HTTP status, JSON body). No I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from machine.state import InstanceState, MachineState, Phase, SmokeStatus, StepStatus
+from services.supervisor.states import ProcessState
+
+Report = tuple[int, dict[str, Any]]
+
+# A ready instance is taken out after this many probes in a row fail (one slow answer is noise).
+PROBE_FAILURES_NOT_READY = 2
+BOOT_PHASES = (Phase.INITIALIZING, Phase.INSTALLING, Phase.DOWNLOADING, Phase.STARTING)
+
+
+def _process_alive(inst: InstanceState) -> bool:
+    return (
+        inst.process_state in (ProcessState.STARTING, ProcessState.RUNNING)
+        and inst.pid is not None
+        and not inst.pid_exited
+    )
+
+
+def instance_ready(inst: InstanceState) -> bool:
+    """Process up, HTTP answering, and the smoke prompt passed for this very process."""
+    return (
+        _process_alive(inst)
+        and inst.smoke is not None
+        and inst.smoke.status is SmokeStatus.PASSED
+        and inst.smoke.pid == inst.pid
+        and inst.probe_failures < PROBE_FAILURES_NOT_READY
+    )
+
+
+def _queue_depth(inst: InstanceState) -> int:
+    return (inst.queue_pending or 0) + (inst.queue_running or 0)
+
+
+def instance_accepting(inst: InstanceState, max_queue_depth: int | None) -> bool:
+    """Ready and its queue is below ``max_queue_depth`` (if set)."""
+    if not instance_ready(inst):
+        return False
+    return max_queue_depth is None or _queue_depth(inst) < max_queue_depth
+
+
+def _not_ready_reasons(inst: InstanceState, now: float) -> list[str]:
+    name, url = inst.plan.name, inst.plan.url
+    state = inst.process_state
+    tail = f"; last log lines: {' | '.join(inst.log_tail)}" if inst.log_tail else ""
+    if inst.blocked_reason:
+        return [inst.blocked_reason]
+    if state is ProcessState.FATAL:
+        why = inst.spawn_error or inst.exit_description or "it exited during every start-up"
+        return [
+            f"{name} is FATAL: it kept failing to start ({why}){tail}; fix the cause shown in "
+            f"the log ({inst.plan.log_path}) and restart the node"
+        ]
+    if state is ProcessState.BACKOFF:
+        return [f"{name} exited during start-up and supervisord is retrying it{tail}"]
+    if state is ProcessState.EXITED or inst.pid_exited:
+        detail = f" ({inst.exit_description})" if inst.exit_description else ""
+        return [f"{name} (pid {inst.pid}) exited{detail}; supervisord restarts it{tail}"]
+    if state is ProcessState.STOPPED:
+        return [f"{name} is not started yet"]
+    if state is ProcessState.STOPPING:
+        return [f"{name} is stopping"]
+    if state is ProcessState.UNKNOWN:
+        return [f"{name} is in an unknown state; check supervisord's log"]
+    # Process alive: what is it waiting for?
+    up = f"up {now - inst.started_at:.0f}s" if inst.started_at else "starting"
+    smoke = inst.smoke if inst.smoke and inst.smoke.pid == inst.pid else None
+    if smoke is None or smoke.status is SmokeStatus.RUNNING:
+        probe = inst.last_probe
+        if smoke is None and probe is not None and not probe.ok:
+            return [f"{name} (pid {inst.pid}, {up}) is starting: {url} not answering yet "
+                    f"({probe.error})"]
+        if smoke is None:
+            return [f"{name} (pid {inst.pid}, {up}) is starting: waiting for {url}"]
+        return [f"{name} is running its smoke prompt (EmptyImage -> SaveImage)"]
+    if smoke.status is SmokeStatus.FAILED:
+        return [
+            f"{name} failed its smoke prompt (EmptyImage -> SaveImage): {smoke.error}; "
+            f"the instance answers HTTP but cannot run a workflow, see {inst.plan.log_path}"
+        ]
+    probe = inst.last_probe
+    error = probe.error if probe else "no answer"
+    return [f"{name}: the last {inst.probe_failures} probes of {url} failed ({error})"]
+
+
+def instance_status(inst: InstanceState) -> str:
+    if instance_ready(inst):
+        return "ready"
+    failed = (
+        inst.blocked_reason is not None
+        or inst.process_state is ProcessState.FATAL
+        or (inst.smoke is not None and inst.smoke.status is SmokeStatus.FAILED
+            and inst.smoke.pid == inst.pid)
+    )
+    return "failed" if failed else "starting"
+
+
+def instance_body(inst: InstanceState, max_queue_depth: int | None, now: float) -> dict[str, Any]:
+    """The per-instance entry workers and routers read."""
+    ready = instance_ready(inst)
+    accepting = instance_accepting(inst, max_queue_depth)
+    reasons = [] if ready else _not_ready_reasons(inst, now)
+    status = instance_status(inst)
+    if ready and not accepting:
+        status = "degraded"
+        reasons.append(
+            f"{inst.plan.name} queue depth {_queue_depth(inst)} reached max_queue_depth="
+            f"{max_queue_depth}: not accepting new work; pick another instance or wait"
+        )
+    probe = inst.last_probe
+    smoke = inst.smoke
+    return {
+        "gpu": inst.plan.gpu,
+        "name": inst.plan.name,
+        "gpu_uuid": inst.plan.gpu_uuid,
+        "gpu_name": inst.plan.gpu_name,
+        "port": inst.plan.port,
+        "url": inst.plan.url,
+        "status": status,
+        "state": inst.process_state.name,
+        "ready": ready,
+        "accepting": accepting,
+        "pid": inst.pid,
+        "restarts": inst.restarts,
+        "started_at": inst.started_at,
+        "uptime_s": round(now - inst.started_at, 3) if inst.started_at and ready else None,
+        "last_probe": None
+        if probe is None
+        else {
+            "at": probe.at,
+            "ok": probe.ok,
+            "duration_ms": round(probe.duration_s * 1000, 2),
+            "error": probe.error,
+        },
+        "smoke": None
+        if smoke is None
+        else {
+            "pid": smoke.pid,
+            "status": smoke.status.value,
+            "duration_s": smoke.duration_s,
+            "prompt_id": smoke.prompt_id,
+            "error": smoke.error,
+        },
+        "queue_pending": inst.queue_pending,
+        "queue_running": inst.queue_running,
+        "log_path": str(inst.plan.log_path),
+        "log_tail": inst.log_tail,
+        "reasons": reasons,
+    }
+
+
+def _boot_reasons(state: MachineState) -> list[str]:
+    running = [s for s in state.install_steps if s.status is StepStatus.RUNNING]
+    step = f": {', '.join(s.name for s in running)}" if running else ""
+    return [f"the node is booting, phase {state.phase.value}{step}; wait with ?wait=SECONDS"]
+
+
+def _body(status: str, phase: Phase | str, reasons: list[str], **extra: Any) -> dict[str, Any]:
+    return {"status": status, "phase": str(phase), "reasons": reasons, **extra}
+
+
+def node_report(state: MachineState, now: float) -> Report:
+    """/health/comfyui: ready and degraded are 200 (some instance can take work), else 503."""
+    instances = [
+        instance_body(i, state.max_queue_depth, now) for _, i in sorted(state.instances.items())
+    ]
+    summary = {
+        "instances": instances,
+        "ready_instances": sum(1 for i in instances if i["ready"]),
+        "accepting": any(i["accepting"] for i in instances),
+    }
+    if state.phase is Phase.FAILED:
+        reason = state.error or "the boot failed"
+        step = f" (step {state.failed_step})" if state.failed_step else ""
+        return 503, _body("failed", Phase.FAILED, [reason + step], **summary)
+    if state.phase is Phase.STOPPING:
+        return 503, _body(
+            "failed", Phase.STOPPING, ["the node is shutting down; instances are stopping"],
+            **summary,
+        )
+    if state.phase in BOOT_PHASES:
+        return 503, _body("starting", state.phase, _boot_reasons(state), **summary)
+    if state.supervisor_expected and not state.supervisor_up:
+        return 503, _body(
+            "failed", Phase.FAILED,
+            ["supervisord is not running; no instance is supervised. See logs/supervisord.log"],
+            **summary,
+        )
+    if not instances:
+        return 200, _body("ready", Phase.READY, ["ComfyUI is disabled (ENABLE_COMFYUI=false)"],
+                          **summary)
+    reasons = [r for i in instances for r in i["reasons"]]
+    ready = summary["ready_instances"]
+    if ready == len(instances):
+        return 200, _body("ready", Phase.READY, reasons, **summary)
+    if ready:
+        return 200, _body("degraded", Phase.DEGRADED, reasons, **summary)
+    if all(i["status"] == "failed" for i in instances):
+        return 503, _body("failed", Phase.FAILED, reasons, **summary)
+    return 503, _body("starting", Phase.STARTING, reasons, **summary)
+
+
+def reported_phase(state: MachineState, now: float) -> str:
+    return node_report(state, now)[1]["phase"]
+
+
+def instance_report(state: MachineState, gpu: int, now: float) -> Report | None:
+    """/health/comfyui/instances/{gpu}: 200 when that instance accepts work; None if unknown."""
+    inst = state.instances.get(gpu)
+    if inst is None:
+        return None
+    body = instance_body(inst, state.max_queue_depth, now)
+    phase = reported_phase(state, now)
+    if state.phase in BOOT_PHASES and not body["ready"]:
+        body["reasons"] = _boot_reasons(state) + body["reasons"]
+    return (200 if body["accepting"] else 503), {**body, "phase": phase}
+
+
+def installation_report(state: MachineState) -> Report:
+    """/health/comfyui/installation: 200 once every install step is done or skipped."""
+    steps = [
+        {
+            "name": s.name,
+            "status": s.status.value,
+            "started_at": s.started_at,
+            "duration_s": s.duration_s,
+            "detail": s.detail,
+            "error": s.error,
+        }
+        for s in state.install_steps
+    ]
+    failed = [s for s in state.install_steps if s.status is StepStatus.FAILED]
+    if failed:
+        reasons = [f"install step {s.name} failed: {s.error}" for s in failed]
+        return 503, _body("failed", state.phase, reasons, steps=steps)
+    pending = [s for s in state.install_steps if s.status in (StepStatus.PENDING,
+                                                               StepStatus.RUNNING)]
+    if state.phase in (Phase.INITIALIZING, Phase.INSTALLING) or pending:
+        names = ", ".join(s.name for s in pending) or "not started"
+        return 503, _body("starting", state.phase, [f"installing: {names}"], steps=steps)
+    return 200, _body("ready", state.phase, [], steps=steps)
+
+
+def models_report(state: MachineState) -> Report:
+    """/health/comfyui/models: no manifest support yet, so nothing is required."""
+    return 200, _body(
+        "ready",
+        state.phase,
+        [],
+        configured=state.models_configured,
+        models=[],
+        message="no model manifest is configured; nothing to fetch or verify",
+    )
+
+
+def livez_report(state: MachineState) -> Report:
+    """/livez: the agent answers and, once started, supervisord runs. Instances do not count."""
+    if state.supervisor_expected and not state.supervisor_up:
+        return 503, _body("failed", state.phase, ["supervisord is not running"])
+    return 200, _body("ready", state.phase, [])

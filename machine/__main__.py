@@ -1,0 +1,5 @@
+import sys
+
+from machine.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""The boot sequence: plan, health server, install, start supervised instances, run, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from config.settings import Settings
+from health.checks import node_report
+from health.server import start_health_server
+from machine.errors import MachineError
+from machine.state import InstanceState, MachineState, Phase, StepStatus
+from services.gpus import GpuInventory
+from services.install import ensure_checkout
+from services.instances import InstanceController
+from services.plan import NodePlan, make_plan
+from services.probes import InstanceProber, ProbeSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_plan(settings: Settings, inventory: GpuInventory) -> NodePlan:
+    """Discover GPUs (never in CPU mode) and plan; raises ConfigError/GpuError, starts nothing."""
+    gpus = [] if settings.comfyui_cpu_only or not settings.enable_comfyui else (
+        inventory.list_gpus())
+    return make_plan(settings, gpus)
+
+
+async def _install(settings: Settings, plan: NodePlan, state: MachineState) -> None:
+    state.set_phase(Phase.INSTALLING)
+    step = state.step("comfyui")
+    step.status, step.started_at = StepStatus.RUNNING, time.time()
+    state.changed()
+    started = time.monotonic()
+    try:
+        result = await asyncio.to_thread(
+            ensure_checkout, settings.comfyui_repo, settings.comfyui_ref, plan.install_path,
+            "ComfyUI",
+        )
+        if not (plan.install_path / "main.py").is_file():
+            raise MachineError(
+                f"ComfyUI: {settings.comfyui_repo}@{settings.comfyui_ref} has no main.py; "
+                "COMFYUI_REPO must be a ComfyUI repository"
+            )
+    except MachineError as exc:
+        step.status, step.error = StepStatus.FAILED, str(exc)
+        step.duration_s = round(time.monotonic() - started, 3)
+        raise
+    step.status = StepStatus.SKIPPED if result.action == "skipped" else StepStatus.DONE
+    step.detail = f"{result.action} {settings.comfyui_ref} at {result.commit}"
+    step.duration_s = round(time.monotonic() - started, 3)
+    log.info("install step", extra={"fields": {"step": "comfyui", "action": result.action,
+                                                "commit": result.commit,
+                                                "duration_s": step.duration_s}})
+    state.changed()
+
+
+async def _notify_when_ready(state: MachineState, on_ready: Callable[[], None]) -> None:
+    while node_report(state, time.time())[1]["status"] != "ready":
+        await state.wait_changed(1.0)
+    on_ready()
+
+
+async def run_node(
+    settings: Settings,
+    plan: NodePlan,
+    stop: asyncio.Event,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Boot, serve and supervise until ``stop`` is set; then stop everything. Exit code."""
+    state = MachineState(max_queue_depth=settings.max_queue_depth)
+    state.instances = {i.gpu: InstanceState(plan=i) for i in plan.instances}
+    try:
+        runner = await start_health_server(state, plan.health_listen, plan.health_port)
+    except OSError as exc:
+        raise MachineError(
+            f"MACHINE_HEALTH_PORT={plan.health_port}: cannot serve health on "
+            f"{plan.health_listen}:{plan.health_port} ({exc.strerror}); free the port or "
+            "choose another MACHINE_HEALTH_PORT"
+        ) from None
+    log.info("health server", extra={"fields": {
+        "url": f"http://{plan.health_listen}:{plan.health_port}/health/comfyui"}})
+    controller: InstanceController | None = None
+    tasks: list[asyncio.Task[None]] = []
+    code = 0
+    try:
+        stop_wait = asyncio.ensure_future(stop.wait())
+        boot = asyncio.ensure_future(_boot(settings, plan, state))
+        await asyncio.wait({stop_wait, boot}, return_when=asyncio.FIRST_COMPLETED)
+        if not boot.done():
+            boot.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            controller, tasks = await boot
+        if on_ready is not None and controller is not None:
+            tasks.append(asyncio.create_task(_notify_when_ready(state, on_ready)))
+        if controller is not None:
+            supervise = asyncio.create_task(controller.run(), name="reconcile")
+            tasks.append(supervise)
+            await asyncio.wait({stop_wait, supervise}, return_when=asyncio.FIRST_COMPLETED)
+            if supervise.done() and supervise.exception() is not None:
+                exc = supervise.exception()
+                log.error("supervision failed", extra={"fields": {"error": str(exc)}})
+                state.set_phase(Phase.FAILED, str(exc), "supervise")
+                code = 1
+        else:
+            await stop_wait  # failed boot: keep health up so operators can read why
+        stop_wait.cancel()
+    finally:
+        if state.phase is not Phase.FAILED:
+            state.set_phase(Phase.STOPPING)
+        log.info("stopping", extra={"fields": {"phase": state.phase.value}})
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if controller is not None:
+            await controller.stop()
+        await runner.cleanup()
+        log.info("stopped")
+    return code
+
+
+async def _boot(
+    settings: Settings, plan: NodePlan, state: MachineState
+) -> tuple[InstanceController | None, list[asyncio.Task[None]]]:
+    """INSTALLING -> DOWNLOADING -> STARTING; on failure set FAILED and return no controller."""
+    try:
+        if plan.instances:
+            await _install(settings, plan, state)
+        state.set_phase(Phase.DOWNLOADING)  # no model manifest yet: nothing to fetch
+        state.set_phase(Phase.STARTING)
+        for directory in (plan.output_dir, plan.input_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        controller = InstanceController(plan, state, settings.probe_interval)
+        try:
+            await controller.start()
+        except (MachineError, asyncio.CancelledError):
+            # Whatever got started (supervisord, the event socket) must not outlive the boot.
+            await asyncio.shield(controller.stop())
+            raise
+    except MachineError as exc:
+        log.error("boot failed", extra={"fields": {"phase": state.phase.value,
+                                                    "error": str(exc)}})
+        state.set_phase(Phase.FAILED, str(exc), state.phase.value.lower())
+        return None, []
+    except Exception as exc:  # a bug, not bad input: keep the node up and say what broke
+        log.exception("boot failed unexpectedly", extra={"fields": {"phase": state.phase.value}})
+        state.set_phase(Phase.FAILED, f"internal error: {type(exc).__name__}: {exc}",
+                        state.phase.value.lower())
+        return None, []
+    session = aiohttp.ClientSession()
+    probe_settings = ProbeSettings(
+        interval=settings.probe_interval,
+        timeout=settings.probe_timeout,
+        smoke_timeout=settings.smoke_timeout,
+    )
+    tasks = [
+        asyncio.create_task(
+            InstanceProber(state, inst, session, probe_settings, plan.output_dir).run(),
+            name=f"probe-{inst.plan.name}",
+        )
+        for inst in state.instances.values()
+    ]
+    tasks.append(asyncio.create_task(_close_on_cancel(session), name="http-session"))
+    state.set_phase(Phase.RUNNING)
+    return controller, tasks
+
+
+async def _close_on_cancel(session: aiohttp.ClientSession) -> None:
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await session.close()

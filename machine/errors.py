@@ -1,0 +1,51 @@
+"""The MachineError family: every error a user can see says what went wrong and what to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad input: where it came from, what was given, what is accepted."""
+
+    source: str  # the env variable or TOML key (with file) the value came from
+    given: str
+    message: str  # what is wrong and what is accepted / how to fix it
+
+    def __str__(self) -> str:
+        return f"{self.source}={self.given}: {self.message}"
+
+
+class MachineError(Exception):
+    """Base of all errors comfy-machine reports to users; the message says what to do."""
+
+    exit_code = 1
+
+
+class ConfigError(MachineError):
+    """Settings are invalid; carries one Problem per bad input."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class GpuError(MachineError):
+    """GPU discovery failed (no driver, NVML error, fewer GPUs than asked)."""
+
+    exit_code = 2
+
+
+class InstallError(MachineError):
+    """Installing ComfyUI or a custom node failed."""
+
+
+class SupervisorError(MachineError):
+    """supervisord could not be started or did not answer."""
+
+
+class HealthClientError(MachineError):
+    """The health server of a running node could not be reached or answered oddly."""

@@ -1,0 +1,155 @@
+"""MachineState: the one source of truth services write and health reads.
+
+Owned by the agent's event loop; every write goes through a method or is followed by
+``changed()``, which wakes requests waiting with ``?wait=``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from services.plan import InstancePlan
+from services.supervisor.states import ProcessState
+
+
+class Phase(StrEnum):
+    INITIALIZING = "INITIALIZING"
+    INSTALLING = "INSTALLING"
+    DOWNLOADING = "DOWNLOADING"
+    STARTING = "STARTING"
+    # Once instances run the reported phase is derived from them: READY, DEGRADED or FAILED.
+    RUNNING = "RUNNING"
+    READY = "READY"
+    DEGRADED = "DEGRADED"
+    FAILED = "FAILED"
+    STOPPING = "STOPPING"
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+@dataclass
+class StepState:
+    """One boot step (clone, checkout, download, ...): what it did, how long, why it failed."""
+
+    name: str
+    status: StepStatus = StepStatus.PENDING
+    started_at: float | None = None
+    duration_s: float | None = None
+    detail: str = ""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    at: float
+    ok: bool
+    duration_s: float
+    error: str | None = None
+
+
+class SmokeStatus(StrEnum):
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+
+
+@dataclass
+class SmokeResult:
+    """The functional check of one process (pid): a prompt that needs no model."""
+
+    pid: int
+    status: SmokeStatus
+    started_at: float
+    duration_s: float | None = None
+    prompt_id: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class InstanceState:
+    plan: InstancePlan
+    process_state: ProcessState = ProcessState.STOPPED
+    pid: int | None = None
+    # Set the moment the agent sees the pid die, before supervisord reports the exit.
+    pid_exited: bool = False
+    restarts: int = 0
+    started_at: float | None = None
+    spawn_error: str | None = None
+    exit_description: str | None = None
+    last_probe: ProbeResult | None = None
+    probe_failures: int = 0
+    smoke: SmokeResult | None = None
+    queue_pending: int | None = None
+    queue_running: int | None = None
+    # Why the agent does not start this instance (e.g. its port is taken), with a hint.
+    blocked_reason: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+    def reset_runtime(self) -> None:
+        """Forget what was learned about the previous process."""
+        self.pid_exited = False
+        self.last_probe = None
+        self.probe_failures = 0
+        self.smoke = None
+        self.queue_pending = None
+        self.queue_running = None
+
+
+@dataclass
+class MachineState:
+    phase: Phase = Phase.INITIALIZING
+    boot_started_at: float = field(default_factory=time.time)
+    error: str | None = None
+    failed_step: str | None = None
+    install_steps: list[StepState] = field(default_factory=list)
+    instances: dict[int, InstanceState] = field(default_factory=dict)
+    supervisor_expected: bool = False
+    supervisor_up: bool = False
+    max_queue_depth: int | None = None
+    models_configured: bool = False
+    version: int = 0
+    _changed: asyncio.Event | None = field(default=None, repr=False)
+
+    def changed(self) -> None:
+        """Record that something changed and wake every waiter."""
+        self.version += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_changed(self, seconds: float) -> bool:
+        """Wait until the next change or ``seconds``; True if something changed."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        event = self._changed
+        try:
+            # Not asyncio.wait_for: on 3.11 it swallows a cancel that races the event being set.
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def set_phase(self, phase: Phase, error: str | None = None, step: str | None = None) -> None:
+        self.phase = phase
+        if error is not None:
+            self.error = error
+            self.failed_step = step
+        self.changed()
+
+    def step(self, name: str) -> StepState:
+        """The install step called ``name``, created pending if new."""
+        for existing in self.install_steps:
+            if existing.name == name:
+                return existing
+        created = StepState(name)
+        self.install_steps.append(created)
+        return created

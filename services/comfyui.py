@@ -1,0 +1,81 @@
+"""Thin typed client for the parts of ComfyUI's HTTP API comfy-machine uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ComfyApiError(Exception):
+    """ComfyUI answered, but not with what the API promises."""
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    running: int
+    pending: int
+
+
+class ComfyClient:
+    """Requests against one instance's base URL; the caller owns the aiohttp session."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def _get_json(self, path: str, **params: str) -> Any:
+        async with self._session.get(
+            self._base + path, params=params or None, timeout=self._timeout
+        ) as resp:
+            if resp.status != 200:
+                raise ComfyApiError(f"GET {path} answered HTTP {resp.status}")
+            return await resp.json()
+
+    async def system_stats(self) -> dict[str, Any]:
+        return await self._get_json("/system_stats")
+
+    async def queue(self) -> QueueDepth:
+        body = await self._get_json("/queue")
+        return QueueDepth(running=len(body["queue_running"]), pending=len(body["queue_pending"]))
+
+    async def post_prompt(self, prompt: dict[str, Any], client_id: str) -> str:
+        """Queue ``prompt``; return its prompt_id or raise with ComfyUI's validation errors."""
+        async with self._session.post(
+            self._base + "/prompt",
+            json={"prompt": prompt, "client_id": client_id},
+            timeout=self._timeout,
+        ) as resp:
+            if resp.status == 200:
+                return (await resp.json())["prompt_id"]
+            text = await resp.text()
+            raise ComfyApiError(f"POST /prompt answered HTTP {resp.status}: {text[:500]}")
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The history entry of ``prompt_id``, None while it has none (queued or running)."""
+        body = await self._get_json(f"/history/{prompt_id}")
+        return body.get(prompt_id)
+
+    async def view(self, filename: str, subfolder: str, kind: str) -> bytes:
+        params = {"filename": filename, "subfolder": subfolder, "type": kind}
+        async with self._session.get(
+            self._base + "/view", params=params, timeout=self._timeout
+        ) as resp:
+            if resp.status != 200:
+                raise ComfyApiError(f"GET /view?filename={filename} answered HTTP {resp.status}")
+            return await resp.read()
+
+
+def history_error(entry: dict[str, Any]) -> str:
+    """The readable error of a failed history entry (execution_error's exception message)."""
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return (
+                f"{data.get('node_type')} (node {data.get('node_id')}): "
+                f"{data.get('exception_type')}: {data.get('exception_message', '').strip()}"
+            )
+    return f"status {entry.get('status', {}).get('status_str')!r}"

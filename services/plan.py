@@ -1,0 +1,206 @@
+"""The node plan: a pure function of settings and the GPU list (no I/O, nothing started)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.settings import Settings, check_ports
+from machine.errors import ConfigError, Problem
+from services.gpus import Gpu, cpu_slots
+
+PROGRAM_PREFIX = "comfyui-gpu"
+# One supervisord group for every instance: a group stops its programs in parallel, groups
+# stop one after another (~1.7 s each for ComfyUI).
+INSTANCE_GROUP = "comfyui"
+EVENT_LISTENER = "comfy-machine-events"
+
+
+@dataclass(frozen=True)
+class InstancePlan:
+    """One ComfyUI instance: its GPU slot, port, command line and environment."""
+
+    gpu: int
+    name: str
+    gpu_uuid: str
+    gpu_name: str
+    port: int
+    listen: str
+    url: str
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(hash=False)
+    cwd: Path
+    log_path: Path
+
+
+@dataclass(frozen=True)
+class ProgramPolicy:
+    """How supervisord starts, restarts, stops and logs every instance."""
+
+    startsecs: int
+    start_retries: int
+    stop_timeout: int
+    log_max_bytes: int
+    log_backups: int
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """Everything the agent will write and start, decided before anything runs."""
+
+    workspace: Path
+    run_dir: Path
+    log_dir: Path
+    output_dir: Path
+    input_dir: Path
+    install_path: Path
+    python: Path
+    supervisor_socket: Path
+    supervisor_conf: Path
+    events_socket: Path
+    health_listen: str
+    health_port: int
+    cpu_only: bool
+    agent_python: str
+    policy: ProgramPolicy
+    instances: tuple[InstancePlan, ...]
+
+    @property
+    def group(self) -> str:
+        return INSTANCE_GROUP
+
+    def instance(self, gpu: int) -> InstancePlan | None:
+        return next((i for i in self.instances if i.gpu == gpu), None)
+
+
+def select_gpus(settings: Settings, found: list[Gpu]) -> list[Gpu]:
+    """The GPUs to run on: all found, or the first NUM_GPUS; CPU mode makes NUM_GPUS slots."""
+    if not settings.enable_comfyui:
+        return []
+    if settings.comfyui_cpu_only:
+        return cpu_slots(settings.num_gpus or 1)
+    wanted = settings.num_gpus if settings.num_gpus is not None else len(found)
+    if wanted > len(found):
+        listing = ", ".join(f"{g.index}: {g.name}" for g in found) or "none"
+        raise ConfigError(
+            [
+                Problem(
+                    "NUM_GPUS",
+                    str(wanted),
+                    f"only {len(found)} GPU(s) found ({listing}); set NUM_GPUS <= {len(found)} "
+                    "or unset it to use every GPU found",
+                )
+            ]
+        )
+    if wanted == 0:
+        raise ConfigError(
+            [
+                Problem(
+                    "NUM_GPUS",
+                    "unset",
+                    "no GPU was found; check `nvidia-smi` and the container's GPU access, or set "
+                    "COMFYUI_CPU_ONLY=true for development without a GPU",
+                )
+            ]
+        )
+    return found[:wanted]
+
+
+def _url_host(listen: str) -> str:
+    # An instance listening on every address is reached locally through loopback.
+    if listen in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{listen}]" if ":" in listen else listen
+
+
+# The kernel limits a unix socket path (sun_path) to 108 bytes including the NUL.
+MAX_SOCKET_PATH = 107
+
+
+def make_plan(settings: Settings, found: list[Gpu], agent_python: str = sys.executable) -> NodePlan:
+    """Decide instances, ports, argv, env and paths; raises ConfigError for an impossible layout."""
+    gpus = select_gpus(settings, found)
+    problems = check_ports(settings, len(gpus)) if gpus else []
+    workspace = settings.machine_workspace
+    run_dir = workspace / "run"
+    if len(str(run_dir / "supervisor.sock").encode()) > MAX_SOCKET_PATH:
+        problems.append(
+            Problem(
+                "MACHINE_WORKSPACE",
+                str(workspace),
+                f"too long for the unix sockets under it (at most {MAX_SOCKET_PATH - 20} "
+                "bytes); use a shorter path",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+    log_dir = workspace / "logs"
+    output_dir = workspace / "output"
+    input_dir = workspace / "input"
+    extra_args = tuple(shlex.split(settings.comfyui_args))
+    instances = []
+    for slot, gpu in enumerate(gpus):
+        port = settings.comfyui_port_start + slot
+        name = f"{PROGRAM_PREFIX}{slot}"
+        argv = (
+            str(settings.python),
+            "main.py",
+            "--listen",
+            settings.comfyui_listen,
+            "--port",
+            str(port),
+            "--output-directory",
+            str(output_dir),
+            "--input-directory",
+            str(input_dir),
+            "--disable-auto-launch",
+            *(("--cpu",) if gpu.is_cpu else ()),
+            *extra_args,
+        )
+        env = {
+            # CPU mode hides every GPU; GPU mode binds by UUID so indices cannot drift.
+            "CUDA_VISIBLE_DEVICES": "" if gpu.is_cpu else gpu.uuid,
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "PYTHONUNBUFFERED": "1",
+        }
+        instances.append(
+            InstancePlan(
+                gpu=slot,
+                name=name,
+                gpu_uuid=gpu.uuid,
+                gpu_name=gpu.name,
+                port=port,
+                listen=settings.comfyui_listen,
+                url=f"http://{_url_host(settings.comfyui_listen)}:{port}",
+                argv=argv,
+                env=env,
+                cwd=settings.install_path,
+                log_path=log_dir / f"{name}.log",
+            )
+        )
+    return NodePlan(
+        workspace=workspace,
+        run_dir=run_dir,
+        log_dir=log_dir,
+        output_dir=output_dir,
+        input_dir=input_dir,
+        install_path=settings.install_path,
+        python=settings.python,
+        supervisor_socket=run_dir / "supervisor.sock",
+        supervisor_conf=run_dir / "supervisord.conf",
+        events_socket=run_dir / "events.sock",
+        health_listen=settings.machine_health_listen,
+        health_port=settings.machine_health_port,
+        cpu_only=settings.comfyui_cpu_only,
+        agent_python=agent_python,
+        policy=ProgramPolicy(
+            startsecs=settings.instance_startsecs,
+            start_retries=settings.instance_start_retries,
+            stop_timeout=settings.instance_stop_timeout,
+            log_max_bytes=settings.instance_log_max_bytes,
+            log_backups=settings.instance_log_backups,
+        ),
+        instances=tuple(instances),
+    )

@@ -1,0 +1,191 @@
+"""Per-instance probing: wait for HTTP while the process lives, run the smoke prompt, then
+probe /system_stats and /queue periodically. Results go into MachineState only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from machine.state import InstanceState, MachineState, ProbeResult, SmokeResult, SmokeStatus
+from services.comfyui import PNG_SIGNATURE, ComfyApiError, ComfyClient, history_error
+from services.supervisor.states import ProcessState
+
+log = logging.getLogger(__name__)
+
+SMOKE_SUBFOLDER = "comfy-machine-smoke"
+# While an instance boots, poll fast so readiness follows the first answer closely.
+STARTUP_POLL_S = 0.1
+HISTORY_POLL_S = 0.05
+
+
+def smoke_prompt(prefix: str) -> dict:
+    """A workflow that needs no model: EmptyImage -> SaveImage (64x64)."""
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0},
+        },
+        "2": {
+            "class_type": "SaveImage",
+            "inputs": {"filename_prefix": prefix, "images": ["1", 0]},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    interval: float
+    timeout: float
+    smoke_timeout: float
+
+
+class ProcessGone(Exception):
+    """The process being probed exited or was replaced."""
+
+
+class InstanceProber:
+    """Drives one instance's readiness facts (probe, smoke, queue) for each new pid."""
+
+    def __init__(
+        self,
+        state: MachineState,
+        inst: InstanceState,
+        session: aiohttp.ClientSession,
+        settings: ProbeSettings,
+        output_dir: Path,
+    ) -> None:
+        self._state = state
+        self._inst = inst
+        self._settings = settings
+        self._output_dir = output_dir
+        self._client = ComfyClient(session, inst.plan.url, settings.timeout)
+
+    def _alive(self, pid: int) -> bool:
+        inst = self._inst
+        return (
+            inst.pid == pid
+            and not inst.pid_exited
+            and inst.process_state in (ProcessState.STARTING, ProcessState.RUNNING)
+        )
+
+    def _check(self, pid: int) -> None:
+        if not self._alive(pid):
+            raise ProcessGone
+
+    async def run(self) -> None:
+        """Forever: wait for a live process, then probe it until it is gone."""
+        probed: int | None = None
+        while True:
+            inst = self._inst
+            if inst.pid is None or inst.pid == probed or not self._alive(inst.pid):
+                await self._state.wait_changed(self._settings.interval)
+                continue
+            probed = inst.pid
+            with contextlib.suppress(ProcessGone):
+                await self._follow(probed)
+
+    async def _follow(self, pid: int) -> None:
+        await self._wait_for_http(pid)
+        await self._smoke(pid)
+        while True:
+            await self._sleep_while_alive(pid, self._settings.interval)
+            await self._probe(pid)
+
+    async def _sleep_while_alive(self, pid: int, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self._check(pid)
+            await self._state.wait_changed(remaining)
+        self._check(pid)
+
+    async def _probe(self, pid: int) -> bool:
+        """One probe of /system_stats and /queue, recorded in the state."""
+        start = time.monotonic()
+        try:
+            await self._client.system_stats()
+            depth = await self._client.queue()
+        except (aiohttp.ClientError, TimeoutError, ComfyApiError, KeyError, ValueError) as exc:
+            self._check(pid)
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._inst.last_probe = ProbeResult(time.time(), False, time.monotonic() - start, error)
+            self._inst.probe_failures += 1
+            self._state.changed()
+            return False
+        self._check(pid)
+        self._inst.last_probe = ProbeResult(time.time(), True, time.monotonic() - start)
+        self._inst.probe_failures = 0
+        self._inst.queue_running, self._inst.queue_pending = depth.running, depth.pending
+        self._state.changed()
+        return True
+
+    async def _wait_for_http(self, pid: int) -> None:
+        # No start-up timeout: a live process may take minutes (cold caches, big node packs);
+        # a dead one is noticed the moment supervisord or the pidfd says so.
+        while not await self._probe(pid):
+            await self._sleep_while_alive(pid, STARTUP_POLL_S)
+        # Start-up failures before the first answer are not failures of a running instance.
+        log.info("instance answering", extra={"fields": {"instance": self._inst.plan.name,
+                                                          "pid": pid}})
+
+    async def _smoke(self, pid: int) -> None:
+        inst = self._inst
+        started = time.monotonic()
+        inst.smoke = SmokeResult(pid=pid, status=SmokeStatus.RUNNING, started_at=time.time())
+        self._state.changed()
+        try:
+            prompt_id = await self._client.post_prompt(
+                smoke_prompt(f"{SMOKE_SUBFOLDER}/{inst.plan.name}"), f"comfy-machine-{uuid.uuid4()}"
+            )
+            inst.smoke.prompt_id = prompt_id
+            await self._await_smoke(pid, prompt_id, started)
+        except (aiohttp.ClientError, TimeoutError, ComfyApiError, KeyError, ValueError) as exc:
+            self._check(pid)
+            self._finish_smoke(started, f"{type(exc).__name__}: {exc}")
+            return
+        self._finish_smoke(started, None)
+
+    async def _await_smoke(self, pid: int, prompt_id: str, started: float) -> None:
+        deadline = started + self._settings.smoke_timeout
+        while True:
+            self._check(pid)
+            entry = await self._client.history(prompt_id)
+            if entry is not None and entry.get("status", {}).get("completed"):
+                break
+            if entry is not None and entry.get("status", {}).get("status_str") == "error":
+                raise ComfyApiError(history_error(entry))
+            if time.monotonic() > deadline:
+                raise ComfyApiError(
+                    f"not finished after {self._settings.smoke_timeout:.0f}s (SMOKE_TIMEOUT)"
+                )
+            await asyncio.sleep(HISTORY_POLL_S)
+        images = [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])]
+        if not images:
+            raise ComfyApiError("the prompt finished but SaveImage reported no image")
+        image = images[0]
+        data = await self._client.view(image["filename"], image["subfolder"], image["type"])
+        if not data.startswith(PNG_SIGNATURE):
+            raise ComfyApiError(f"/view returned {len(data)} bytes that are not a PNG")
+        # Smoke images are ours, not the user's: remove them from the shared output folder.
+        if image["type"] == "output":
+            with contextlib.suppress(OSError):
+                (self._output_dir / image["subfolder"] / image["filename"]).unlink()
+
+    def _finish_smoke(self, started: float, error: str | None) -> None:
+        smoke = self._inst.smoke
+        assert smoke is not None
+        smoke.duration_s = round(time.monotonic() - started, 4)
+        smoke.status = SmokeStatus.FAILED if error else SmokeStatus.PASSED
+        smoke.error = error
+        log.info(
+            "smoke " + smoke.status.value,
+            extra={"fields": {"instance": self._inst.plan.name, "pid": smoke.pid,
+                              "duration_s": smoke.duration_s, "error": error}},
+        )
+        self._state.changed()

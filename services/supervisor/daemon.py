@@ -1,0 +1,157 @@
+"""supervisord as the agent's child: write its conf, start it, stop it with everything under it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from machine.errors import SupervisorError
+from services.files import atomic_write_text
+from services.plan import NodePlan
+from services.supervisor.conf import render_conf
+from services.supervisor.rpc import SupervisorRpc
+
+log = logging.getLogger(__name__)
+
+START_DEADLINE_S = 30.0
+
+
+def _kill_tree(root: psutil.Process, sig: int) -> list[psutil.Process]:
+    """Send ``sig`` to ``root`` and every descendant; return them all."""
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+    return procs
+
+
+def reap_stale(plan: NodePlan, timeout: float) -> int | None:
+    """Stop a supervisord left running on this workspace by an agent that died; its pid or None.
+
+    With the parent-death signal this should not happen; this is the belt to those braces."""
+    pidfile = plan.run_dir / "supervisord.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        proc = psutil.Process(pid)
+        if str(plan.supervisor_conf) not in proc.cmdline():
+            return None
+    except (OSError, ValueError, psutil.Error):
+        return None
+    log.warning("stopping stale supervisord", extra={"fields": {"pid": pid}})
+    procs = _kill_tree(proc, signal.SIGTERM)
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for leftover in alive:
+        _kill_tree(leftover, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=5)
+    return pid
+
+
+class Supervisord:
+    """The supervisord child process and its RPC client."""
+
+    def __init__(self, plan: NodePlan) -> None:
+        self.plan = plan
+        self.rpc = SupervisorRpc(plan.supervisor_socket)
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def output_path(self) -> Path:
+        return self.plan.log_dir / "supervisord.out"
+
+    def prepare_dirs(self) -> None:
+        """Create the 0700 run directory (sockets, conf, pidfile) and the log directory."""
+        self.plan.run_dir.mkdir(parents=True, exist_ok=True)
+        # The sockets' directory, not only the sockets, keeps other users off the RPC.
+        self.plan.run_dir.chmod(0o700)
+        self.plan.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_conf(self) -> None:
+        """Write supervisord.conf atomically (readers never see half of it)."""
+        self.prepare_dirs()
+        atomic_write_text(self.plan.supervisor_conf, render_conf(self.plan), mode=0o600)
+
+    async def start(self) -> None:
+        """Start ``supervisord -n`` (dies with the agent) and wait until its RPC answers."""
+        await asyncio.to_thread(reap_stale, self.plan, self.plan.policy.stop_timeout + 5.0)
+        self.write_conf()
+        argv = [
+            sys.executable, "-m", "services.supervisor.launch", str(os.getpid()), "--",
+            sys.executable, "-m", "supervisor.supervisord", "-n", "-c",
+            str(self.plan.supervisor_conf),
+        ]
+        with self.output_path.open("ab") as out:
+            # Own session: a terminal's Ctrl-C reaches the agent alone, which stops the rest.
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_DEADLINE_S
+        while True:
+            if self._proc.returncode is not None:
+                raise SupervisorError(
+                    f"supervisord exited with code {self._proc.returncode} at start: "
+                    f"{self._output_tail()}"
+                )
+            with contextlib.suppress(SupervisorError):
+                if await self.rpc.state() == "RUNNING":
+                    return
+            if time.monotonic() > deadline:
+                await self.stop()
+                raise SupervisorError(
+                    f"supervisord did not answer on {self.plan.supervisor_socket} within "
+                    f"{START_DEADLINE_S:.0f}s: {self._output_tail()}"
+                )
+            await asyncio.sleep(0.05)
+
+    def _output_tail(self) -> str:
+        try:
+            lines = self.output_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no output)"
+        return " | ".join(lines[-5:]) or "(no output)"
+
+    async def wait(self) -> int:
+        """Until supervisord exits; its return code."""
+        assert self._proc is not None
+        return await self._proc.wait()
+
+    async def stop(self) -> None:
+        """SIGTERM supervisord (it stops every program as a group); kill what outlives the wait."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        # supervisord waits stopwaitsecs per program before its own SIGKILL; allow for that.
+        grace = self.plan.policy.stop_timeout + 3.0
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            log.error("supervisord did not stop in time; killing its process tree",
+                      extra={"fields": {"grace_s": grace}})
+        # Last resort, also for children that escaped their process group.
+        survivors = [p for p in tree if p.is_running()]
+        for leftover in survivors:
+            _kill_tree(leftover, signal.SIGKILL)
+        if proc.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5.0)

@@ -1,0 +1,59 @@
+"""supervisord event listener that relays PROCESS_STATE events to the agent as datagrams.
+
+Run by supervisord (``python -m services.supervisor.listener <socket>``). It speaks the
+event listener protocol on stdin/stdout and never blocks supervisord: if the agent is not
+listening the event is dropped (the agent re-reads every state over XML-RPC on connect).
+Stdlib only, so it starts fast and cannot break with the agent's dependencies."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from typing import TextIO
+
+
+def parse_tokens(line: str) -> dict[str, str]:
+    """Parse supervisord's ``key:value key:value`` header/payload format."""
+    return dict(token.split(":", 1) for token in line.split() if ":" in token)
+
+
+def relay(stdin: TextIO, stdout: TextIO, sock: socket.socket, address: str) -> None:
+    """Serve events until stdin closes: READY, read header and payload, forward, RESULT OK."""
+    while True:
+        stdout.write("READY\n")
+        stdout.flush()
+        header_line = stdin.readline()
+        if not header_line:
+            return
+        headers = parse_tokens(header_line)
+        body = stdin.read(int(headers.get("len", "0")))
+        first_line, _, data = body.partition("\n")
+        message = {
+            "event": headers.get("eventname", ""),
+            "serial": int(headers.get("serial", "0")),
+            "payload": parse_tokens(first_line),
+            "data": data,
+        }
+        try:
+            sock.sendto(json.dumps(message).encode(), address)
+        except OSError as exc:  # agent gone or not listening yet: it resyncs over XML-RPC
+            print(f"event not relayed ({exc}): {message['event']}", file=sys.stderr, flush=True)
+        stdout.write("RESULT 2\nOK")
+        stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m services.supervisor.listener <socket>", file=sys.stderr)
+        return 2
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        # Bounded: a stuck agent must not wedge the listener (supervisord buffers meanwhile).
+        sock.settimeout(2.0)
+        relay(sys.stdin, sys.stdout, sock, args[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

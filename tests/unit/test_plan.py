@@ -1,0 +1,110 @@
+"""The plan: a pure function of settings and GPUs; and the supervisord conf rendered from it."""
+
+import configparser
+import shlex
+from pathlib import Path
+
+import pytest
+
+from config.settings import load_settings
+from machine.errors import ConfigError
+from services.gpus import FakeInventory, Gpu, NvmlInventory
+from services.plan import make_plan
+from services.supervisor.conf import render_conf
+
+GPUS = [Gpu(i, f"GPU-{i}aaa", "NVIDIA H100", 80 << 30, f"0000:0{i}:00.0") for i in range(4)]
+
+
+def plan_for(env: dict[str, str], gpus: list[Gpu] = GPUS):  # type: ignore[no-untyped-def]
+    return make_plan(load_settings({"MACHINE_WORKSPACE": "/ws", **env}), gpus, "/agent/python")
+
+
+def test_one_instance_per_gpu_bound_by_uuid() -> None:
+    plan = plan_for({"NUM_GPUS": "2", "COMFYUI_ARGS": "--preview-method auto"})
+    assert [i.name for i in plan.instances] == ["comfyui-gpu0", "comfyui-gpu1"]
+    assert [i.port for i in plan.instances] == [8188, 8189]
+    second = plan.instances[1]
+    assert second.env["CUDA_VISIBLE_DEVICES"] == "GPU-1aaa"
+    assert second.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert second.url == "http://127.0.0.1:8189"
+    argv = list(second.argv)
+    assert argv[argv.index("--port") + 1] == "8189"
+    assert argv[argv.index("--listen") + 1] == "127.0.0.1"
+    assert argv[argv.index("--output-directory") + 1] == "/ws/output"
+    assert argv[argv.index("--input-directory") + 1] == "/ws/input"
+    assert argv[-2:] == ["--preview-method", "auto"]
+    assert "--cpu" not in argv
+    assert second.log_path == Path("/ws/logs/comfyui-gpu1.log")
+
+
+def test_all_gpus_when_num_gpus_unset() -> None:
+    assert len(plan_for({}).instances) == 4
+
+
+def test_more_gpus_asked_than_found() -> None:
+    with pytest.raises(ConfigError) as info:
+        plan_for({"NUM_GPUS": "8"})
+    (problem,) = info.value.problems
+    assert str(problem).startswith("NUM_GPUS=8: only 4 GPU(s) found (0: NVIDIA H100")
+
+
+def test_no_gpu_found_points_to_cpu_mode() -> None:
+    with pytest.raises(ConfigError, match="COMFYUI_CPU_ONLY=true"):
+        plan_for({}, gpus=[])
+
+
+def test_cpu_mode_never_needs_gpus_and_adds_cpu_flag() -> None:
+    plan = plan_for({"COMFYUI_CPU_ONLY": "true", "NUM_GPUS": "3"}, gpus=[])
+    assert len(plan.instances) == 3
+    assert all("--cpu" in i.argv and i.env["CUDA_VISIBLE_DEVICES"] == "" for i in plan.instances)
+
+
+def test_listen_everywhere_urls_use_loopback() -> None:
+    plan = plan_for({"NUM_GPUS": "1", "COMFYUI_LISTEN": "0.0.0.0"})
+    assert plan.instances[0].url == "http://127.0.0.1:8188"
+    assert "0.0.0.0" in plan.instances[0].argv
+
+
+def test_port_overlap_with_health_found_with_real_gpu_count() -> None:
+    # NUM_GPUS unset: the overlap is only known once the GPUs are counted.
+    with pytest.raises(ConfigError, match="MACHINE_HEALTH_PORT=9188"):
+        plan_for({"COMFYUI_PORT_START": "9186"})
+
+
+def test_disabled_comfyui_plans_no_instance() -> None:
+    assert plan_for({"ENABLE_COMFYUI": "false"}).instances == ()
+
+
+def test_workspace_too_long_for_unix_socket() -> None:
+    with pytest.raises(ConfigError, match="MACHINE_WORKSPACE"):
+        plan_for({"MACHINE_WORKSPACE": "/" + "w" * 120})
+
+
+def test_fake_and_real_inventory_share_the_interface() -> None:
+    assert FakeInventory(GPUS).list_gpus() == GPUS
+    assert callable(NvmlInventory().list_gpus)
+
+
+def test_conf_programs_and_rpc_socket() -> None:
+    plan = plan_for({"NUM_GPUS": "2", "COMFYUI_ARGS": "--x 'a b%c'"})
+    parser = configparser.RawConfigParser()
+    parser.read_string(render_conf(plan))
+    assert parser.get("unix_http_server", "file") == "/ws/run/supervisor.sock"
+    assert parser.get("supervisorctl", "serverurl") == "unix:///ws/run/supervisor.sock"
+    assert not any(s.startswith("inet_http_server") for s in parser.sections())
+    program = dict(parser.items("program:comfyui-gpu1"))
+    assert program["autostart"] == "false"  # the agent starts each after its port check
+    assert program["stopsignal"] == "INT"
+    assert program["stopasgroup"] == program["killasgroup"] == "true"
+    # supervisord expands %(x)s: a literal % is doubled, and the command round-trips via shlex.
+    assert shlex.split(program["command"].replace("%%", "%"))[-2:] == ["--x", "a b%c"]
+    assert 'CUDA_VISIBLE_DEVICES="GPU-1aaa"' in program["environment"]
+    listener = dict(parser.items("eventlistener:comfy-machine-events"))
+    assert listener["events"] == "PROCESS_STATE"
+    assert listener["command"].startswith("/agent/python -m services.supervisor.listener ")
+
+
+def test_conf_groups_instances_so_they_stop_in_parallel() -> None:
+    parser = configparser.RawConfigParser()
+    parser.read_string(render_conf(plan_for({"NUM_GPUS": "3"})))
+    assert parser.get("group:comfyui", "programs") == "comfyui-gpu0,comfyui-gpu1,comfyui-gpu2"

@@ -1,0 +1,115 @@
+"""Settings: env over TOML, and one clear line per bad input naming source, value and fix."""
+
+from pathlib import Path
+
+import pytest
+
+from config.settings import load_settings
+from machine.errors import ConfigError
+
+
+def problems(env: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    return [str(p) for p in info.value.problems]
+
+
+def test_defaults_match_design() -> None:
+    s = load_settings({})
+    assert s.comfyui_port_start == 8188
+    assert s.machine_health_port == 9188
+    assert s.comfyui_listen == "127.0.0.1"
+    assert s.enable_comfyui and not s.comfyui_cpu_only
+    assert s.install_path == Path("/workspace/ComfyUI")
+    assert s.models_path == Path("/workspace/models")
+
+
+def test_num_gpus_not_a_number() -> None:
+    (line,) = problems({"NUM_GPUS": "abc"})
+    assert line.startswith("NUM_GPUS='abc':")
+    assert "valid integer" in line and ">= 1" in line
+
+
+def test_num_gpus_zero_with_comfyui_enabled() -> None:
+    (line,) = problems({"NUM_GPUS": "0"})
+    assert line.startswith("NUM_GPUS=0:") and "ENABLE_COMFYUI=false" in line
+    assert load_settings({"NUM_GPUS": "0", "ENABLE_COMFYUI": "false"}).num_gpus == 0
+
+
+def test_port_out_of_range() -> None:
+    (line,) = problems({"COMFYUI_PORT_START": "70000"})
+    assert line.startswith("COMFYUI_PORT_START='70000':") and "1-65535" in line
+
+
+def test_instance_ports_overlap_health_port() -> None:
+    (line,) = problems({"NUM_GPUS": "4", "COMFYUI_PORT_START": "9186"})
+    assert line.startswith("COMFYUI_PORT_START=9186:")
+    assert "9186-9189" in line and "MACHINE_HEALTH_PORT=9188" in line
+
+
+def test_port_range_past_65535() -> None:
+    (line,) = problems({"NUM_GPUS": "3", "COMFYUI_PORT_START": "65534"})
+    assert "65534-65536" in line and "<= 65533" in line
+
+
+@pytest.mark.parametrize("args", ["--port 9000", "--listen 0.0.0.0", "--lis=0.0.0.0",
+                                  "--cuda-device 1", "--output-directory /x"])
+def test_comfyui_args_cannot_set_plan_owned_flags(args: str) -> None:
+    (line,) = problems({"COMFYUI_ARGS": f"--preview-method auto {args}"})
+    assert line.startswith("COMFYUI_ARGS=") and "set by comfy-machine's plan" in line
+
+
+def test_comfyui_args_other_flags_pass() -> None:
+    assert load_settings({"COMFYUI_ARGS": "--cpu-vae --preview-method auto"}).comfyui_args
+
+
+def test_unparseable_comfyui_args() -> None:
+    (line,) = problems({"COMFYUI_ARGS": "--foo 'unclosed"})
+    assert "cannot be parsed" in line
+
+
+def test_bad_listen_address() -> None:
+    (line,) = problems({"COMFYUI_LISTEN": "everywhere"})
+    assert line.startswith("COMFYUI_LISTEN='everywhere':") and "IP address" in line
+
+
+def test_several_problems_reported_at_once() -> None:
+    lines = problems({"NUM_GPUS": "abc", "COMFYUI_PORT_START": "70000", "ENABLE_COMFYUI": "maybe"})
+    assert len(lines) == 3
+
+
+def test_toml_file_env_wins(tmp_path: Path) -> None:
+    conf = tmp_path / "machine.toml"
+    conf.write_text('num_gpus = 3\ncomfyui_args = "--cpu-vae"\n')
+    s = load_settings({"MACHINE_CONFIG": str(conf), "NUM_GPUS": "1"})
+    assert s.num_gpus == 1  # env wins
+    assert s.comfyui_args == "--cpu-vae"  # file fills the rest
+    assert s.machine_config == conf
+
+
+def test_toml_unknown_key_named_with_file_and_suggestion(tmp_path: Path) -> None:
+    conf = tmp_path / "machine.toml"
+    conf.write_text("num_gpu = 2\n")
+    (line,) = problems({"MACHINE_CONFIG": str(conf)})
+    assert line.startswith(f"num_gpu (in {conf})=2:")
+    assert "unknown key" in line and "did you mean 'num_gpus'" in line
+
+
+def test_toml_bad_value_names_the_key_in_the_file(tmp_path: Path) -> None:
+    conf = tmp_path / "machine.toml"
+    conf.write_text('comfyui_port_start = "high"\n')
+    (line,) = problems({"MACHINE_CONFIG": str(conf)})
+    assert line.startswith(f"comfyui_port_start (in {conf})='high':")
+
+
+def test_toml_missing_or_broken_file(tmp_path: Path) -> None:
+    (line,) = problems({"MACHINE_CONFIG": str(tmp_path / "nope.toml")})
+    assert line.startswith("MACHINE_CONFIG=") and "file not found" in line
+    broken = tmp_path / "broken.toml"
+    broken.write_text("num_gpus = = 2\n")
+    (line,) = problems({"MACHINE_CONFIG": str(broken)})
+    assert "cannot be read as TOML" in line
+
+
+def test_empty_env_value_means_unset() -> None:
+    assert load_settings({"NUM_GPUS": ""}).num_gpus is None
