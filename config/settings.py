@@ -157,7 +157,17 @@ def load_settings(
     try:
         settings = Settings(**merged)
     except ValidationError as exc:
-        raise ConfigError(_problems(exc, scoped_env, toml_path)) from None
+        problems = _problems(exc, scoped_env, toml_path)
+        # Also report what the valid fields get wrong together, so one run lists every problem.
+        bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
+        try:
+            rest = Settings(**{k: v for k, v in merged.items() if k not in bad})
+        except ValidationError:
+            rest = None
+        if rest is not None:
+            problems += [p for p in check_settings(rest, scoped_env, toml_path)
+                         if p.source.split(" ")[0].lower() not in bad]
+        raise ConfigError(problems) from None
     problems = check_settings(settings, scoped_env, toml_path)
     if problems:
         raise ConfigError(problems)

@@ -42,14 +42,16 @@ def _parse_wait(request: web.Request) -> float:
 
 
 async def _answer(request: web.Request, report: ReportFn) -> web.Response:
-    """Answer now, or with ?wait= hold the request until the report is 200 or the wait ends."""
+    """Answer now, or with ?wait= hold the request until the status is ``ready`` or the wait
+    ends (a degraded node answers 200 but is not ready: a waiter keeps waiting)."""
     state = request.app[STATE_KEY]
     deadline = time.monotonic() + _parse_wait(request)
     while True:
         code, body = report(state, time.time())
         remaining = deadline - time.monotonic()
         # A stopping node will not become ready: release held requests so shutdown is prompt.
-        if code == 200 or remaining <= 0 or state.phase is Phase.STOPPING:
+        ready = code == 200 and body["status"] == "ready"
+        if ready or remaining <= 0 or state.phase is Phase.STOPPING:
             return _json(code, body)
         await state.wait_changed(remaining)
 

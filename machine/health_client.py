@@ -32,7 +32,7 @@ async def get_health(base_url: str, path: str, wait: float = 0.0) -> tuple[int, 
 
 
 async def wait_ready(base_url: str, path: str, seconds: float) -> tuple[bool, dict[str, Any]]:
-    """Hold ?wait= requests until ``path`` answers 200 or ``seconds`` pass; (ready, last body).
+    """Hold ?wait= requests until ``path`` is ``ready`` or ``seconds`` pass; (ready, last body).
 
     An agent that is not up yet (connection refused) is retried until the deadline."""
     deadline = time.monotonic() + seconds
@@ -47,7 +47,7 @@ async def wait_ready(base_url: str, path: str, seconds: float) -> tuple[bool, di
             body = {"reasons": [str(exc)]}
             await asyncio.sleep(min(RETRY_S, max(deadline - time.monotonic(), 0)))
             continue
-        if status == 200:
+        if status == 200 and body.get("status") == "ready":
             return True, body
         if status in (400, 404):
             return False, body

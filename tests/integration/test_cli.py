@@ -1,0 +1,112 @@
+"""The command line as users run it: exit codes, what it prints, and that bad input writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.support import Node, free_port_range, wait_until
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "machine", *args], env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_plan_prints_instances_and_conf_and_writes_nothing(workspace: Path) -> None:
+    ws = workspace / "ws"
+    env = {"COMFYUI_CPU_ONLY": "1", "NUM_GPUS": "2", "MACHINE_WORKSPACE": str(ws)}
+    out = run_cli("plan", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "comfyui-gpu1: gpu 1" in out.stdout and "port 8189" in out.stdout
+    assert "[program:comfyui-gpu0]" in out.stdout and "CUDA_VISIBLE_DEVICES" in out.stdout
+    as_json = json.loads(run_cli("plan", "--json", env=env).stdout)
+    assert [i["port"] for i in as_json["plan"]["instances"]] == [8188, 8189]
+    assert as_json["plan"]["instances"][0]["log_path"] == str(ws / "logs" / "comfyui-gpu0.log")
+    assert "[group:comfyui]" in as_json["supervisord_conf"]
+    assert not ws.exists()
+
+
+def test_bad_settings_exit_2_one_line_each_nothing_written(workspace: Path) -> None:
+    ws = workspace / "ws"
+    env = {"NUM_GPUS": "abc", "COMFYUI_PORT_START": "70000", "COMFYUI_ARGS": "--port 1",
+           "MACHINE_WORKSPACE": str(ws)}
+    out = run_cli("up", env=env)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "comfy-machine: invalid settings, nothing was started:"
+    assert lines[1].strip().startswith("NUM_GPUS='abc'")
+    assert lines[2].strip().startswith("COMFYUI_PORT_START='70000'")
+    assert lines[3].strip().startswith("COMFYUI_ARGS='--port 1'")
+    assert not ws.exists()
+
+
+def test_gpu_mode_without_driver_says_how_to_develop(workspace: Path) -> None:
+    ws = workspace / "ws"
+    out = run_cli("up", env={"MACHINE_WORKSPACE": str(ws), "NUM_GPUS": "1"})
+    assert out.returncode == 2
+    assert "COMFYUI_CPU_ONLY=true" in out.stderr and "NVIDIA driver" in out.stderr
+    assert not ws.exists()
+
+
+def test_wait_ready_status_and_reasons(make_node: Callable[..., Node]) -> None:
+    node = make_node(gpus=2).start()
+    env = {"MACHINE_HEALTH_PORT": str(node.health_port), "MACHINE_HEALTH_LISTEN": "127.0.0.1"}
+    out = run_cli("wait-ready", "--gpu", "1", "--timeout", "60", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"gpu 1 ready: http://127.0.0.1:{node.port_start + 1}"
+    assert run_cli("wait-ready", "--timeout", "30", env=env).returncode == 0
+    status = run_cli("status", env=env)
+    assert status.returncode == 0 and status.stdout.startswith("node: ready")
+    assert "comfyui-gpu1" in status.stdout and f"port {node.port_start + 1}" in status.stdout
+    as_json = json.loads(run_cli("status", "--json", env=env).stdout)
+    assert as_json["ready_instances"] == 2
+    unknown = run_cli("wait-ready", "--gpu", "5", "--timeout", "5", env=env)
+    assert unknown.returncode == 1 and "no instance for gpu 5" in unknown.stderr
+
+
+def test_wait_ready_times_out_with_reasons(make_node: Callable[..., Node]) -> None:
+    node = make_node(gpus=1, COMFYUI_ARGS="--no-such-flag", INSTANCE_START_RETRIES="0").start()
+    out = run_cli("wait-ready", "--timeout", "3", "--url", node.url)
+    assert out.returncode == 1
+    assert out.stderr.startswith("not ready after 3s:")
+    assert "comfyui-gpu0" in out.stderr
+
+
+def test_wait_ready_without_a_node() -> None:
+    port = free_port_range(1)
+    out = run_cli("wait-ready", "--timeout", "0.5", "--url", f"http://127.0.0.1:{port}")
+    assert out.returncode == 1 and "no answer from the health server" in out.stderr
+
+
+def test_demo_prints_urls_when_ready_and_stops_on_ctrl_c(workspace: Path) -> None:
+    health, start = free_port_range(1), free_port_range(2)
+    env = {**os.environ, "MACHINE_HEALTH_PORT": str(health), "COMFYUI_PORT_START": str(start),
+           "MACHINE_HEALTH_LISTEN": "127.0.0.1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "machine", "demo", "--gpus", "2", "--workspace",
+         str(workspace / "demo")], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True)
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        wait_until(lambda: lines.append(proc.stdout.readline()) or "Stop with" in lines[-1], 60,
+                   "the demo's ready banner")
+        text = "".join(lines)
+        assert "comfy-machine demo is ready: 2 ComfyUI stand-in instance(s)" in text
+        assert f"http://127.0.0.1:{health}/health/comfyui" in text
+        assert f"http://127.0.0.1:{start + 1}" in text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

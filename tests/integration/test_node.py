@@ -1,0 +1,135 @@
+"""A real node: supervisord, stand-in instances installed from a local git repo, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import psutil
+
+from tests.support import Node, http_json, wait_until
+
+
+def test_boot_all_ready_with_the_fields_workers_use(make_node: Callable[..., Node]) -> None:
+    node = make_node(gpus=3).start()
+    body = node.wait_ready()
+    assert body["status"] == "ready" and body["phase"] == "READY" and body["reasons"] == []
+    assert [i["port"] for i in body["instances"]] == [node.port_start + i for i in range(3)]
+    for inst in body["instances"]:
+        assert inst["ready"] and inst["accepting"] and inst["state"] in ("STARTING", "RUNNING")
+        assert inst["smoke"]["status"] == "passed" and inst["smoke"]["pid"] == inst["pid"]
+        assert inst["last_probe"]["ok"] and inst["queue_pending"] == 0
+        assert inst["restarts"] == 0
+        # The URL in health reaches that very instance.
+        code, stats = http_json(inst["url"] + "/system_stats")
+        assert code == 200 and f"--port={inst['port']}" not in stats["system"]["argv"]
+        assert str(inst["port"]) in stats["system"]["argv"]
+        # The plan's environment reached the process: CPU mode hides every GPU.
+        environ = psutil.Process(inst["pid"]).environ()
+        assert environ["CUDA_VISIBLE_DEVICES"] == "" and environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert node.get("/livez")[0] == 200 and node.get("/readyz")[0] == 200
+    code, install = node.get("/health/comfyui/installation")
+    assert code == 200 and install["steps"][0]["name"] == "comfyui"
+    assert install["steps"][0]["detail"].startswith("cloned ")
+    code, models = node.get("/health/comfyui/models")
+    assert code == 200 and models["configured"] is False
+    # Smoke images are removed from the user's shared output folder.
+    smoke_dir = node.workspace / "output" / "comfy-machine-smoke"
+    assert not any(smoke_dir.glob("*.png"))
+    # The supervisord socket lives in a directory only the agent's user can enter.
+    assert (node.workspace / "run").stat().st_mode & 0o777 == 0o700
+
+
+def test_kill_9_is_503_within_a_second_then_ready_again(make_node: Callable[..., Node]) -> None:
+    node = make_node(gpus=2).start()
+    node.wait_ready()
+    _, before = node.instance(1)
+    killed_at = time.monotonic()
+    os.kill(before["pid"], signal.SIGKILL)
+    code, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(node.instance(1)), 1.0,
+                            "gpu 1 to answer 503")
+    assert time.monotonic() - killed_at < 1.0
+    assert body["ready"] is False and "exited" in body["reasons"][0]
+    code, overall = node.get("/health/comfyui")
+    assert code == 200 and overall["status"] == "degraded"  # gpu 0 still serves
+    assert node.instance(0)[0] == 200
+    code, after = node.get("/health/comfyui/instances/1?wait=30")
+    assert code == 200 and after["ready"] and after["restarts"] >= 1
+    assert after["pid"] != before["pid"] and after["smoke"]["pid"] == after["pid"]
+
+
+def test_crash_loop_ends_fatal_with_log_tail(make_node: Callable[..., Node]) -> None:
+    # An unknown flag makes ComfyUI (and the stand-in) exit 2 at every start.
+    node = make_node(gpus=1, COMFYUI_ARGS="--no-such-flag", INSTANCE_START_RETRIES="2").start()
+
+    def fatal() -> dict | None:
+        code, body = node.instance(0)
+        return body if body["state"] == "FATAL" else None
+
+    body = wait_until(fatal, 30, "instance FATAL")
+    assert body["status"] == "failed" and not body["ready"]
+    assert "FATAL" in body["reasons"][0]
+    assert "unrecognized arguments: --no-such-flag" in body["reasons"][0]
+    code, overall = node.get("/health/comfyui")
+    assert code == 503 and overall["status"] == "failed"
+    assert node.get("/livez")[0] == 200  # the agent and supervisord are fine
+
+
+def test_taken_port_blocks_only_that_instance(make_node: Callable[..., Node]) -> None:
+    node = make_node(gpus=2)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", node.port_start + 1))
+    squatter.listen()
+    try:
+        node.start()
+        wait_until(lambda: node.instance(0)[0] == 200, 60, "gpu 0 ready")
+        code, overall = node.get("/health/comfyui")
+        assert code == 200 and overall["status"] == "degraded"
+        code, blocked = node.instance(1)
+        assert code == 503 and blocked["status"] == "failed"
+        reason = blocked["reasons"][0]
+        assert f"port {node.port_start + 1}" in reason and "already in use" in reason
+        assert f"pid {os.getpid()}" in reason  # names who holds it
+    finally:
+        squatter.close()
+    # Freed: the agent keeps checking and starts it.
+    code, body = node.get("/health/comfyui/instances/1?wait=30")
+    assert code == 200 and body["ready"]
+
+
+def test_sigterm_stops_everything_cleanly(make_node: Callable[..., Node]) -> None:
+    node = make_node(gpus=2).start()
+    node.wait_ready()
+    tree = node.tree()
+    assert len(tree) >= 5  # agent, supervisord, event listener, 2 instances
+    assert node.stop(signal.SIGTERM) == 0
+    gone, alive = psutil.wait_procs(tree, timeout=5)
+    assert alive == []
+    # Instances got SIGINT (ComfyUI's clean shutdown), not SIGTERM.
+    for log in (node.workspace / "logs").glob("comfyui-gpu*.log"):
+        assert "Stopped server" in log.read_text()
+
+
+def test_sigkill_of_the_agent_leaves_no_orphan(make_node: Callable[..., Node]) -> None:
+    node = make_node(gpus=2).start()
+    node.wait_ready()
+    children = node.tree()[1:]
+    assert node.proc is not None
+    node.proc.kill()
+    node.proc.wait(5)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], f"orphans after SIGKILL of the agent: {alive}"
+
+
+def test_warm_boot_skips_install_and_comes_back(make_node: Callable[..., Node]) -> None:
+    node = make_node(gpus=1).start()
+    node.wait_ready()
+    assert node.stop() == 0
+    node.start()
+    node.wait_ready()
+    _, install = node.get("/health/comfyui/installation")
+    assert install["steps"][0]["status"] == "skipped"

@@ -1,0 +1,82 @@
+"""The health API over real HTTP (aiohttp test server) against a MachineState."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp.test_utils import TestClient
+
+from health.server import create_app
+from machine.state import MachineState, Phase
+from tests.unit.test_checks import instance, make_ready, node
+
+
+async def client_for(aiohttp_client, state: MachineState) -> TestClient:  # type: ignore[no-untyped-def]
+    return await aiohttp_client(create_app(state))
+
+
+async def test_wait_returns_as_soon_as_ready(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    inst = instance(0)
+    state = node(inst, phase=Phase.STARTING)
+    client = await client_for(aiohttp_client, state)
+
+    def become_ready() -> None:
+        make_ready(inst)
+        state.set_phase(Phase.RUNNING)
+
+    asyncio.get_running_loop().call_later(0.2, become_ready)
+    started = time.monotonic()
+    resp = await client.get("/health/comfyui", params={"wait": "30"})
+    elapsed = time.monotonic() - started
+    assert resp.status == 200 and (await resp.json())["status"] == "ready"
+    assert 0.15 < elapsed < 2.0  # woken by the change, not by a poll period or the deadline
+
+
+async def test_wait_ends_with_503_and_reasons(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    client = await client_for(aiohttp_client, node(instance(0), phase=Phase.STARTING))
+    resp = await client.get("/health/comfyui/instances/0", params={"wait": "0.2"})
+    body = await resp.json()
+    assert resp.status == 503 and body["status"] == "starting" and body["reasons"]
+
+
+async def test_wait_released_when_node_stops(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    state = node(instance(0), phase=Phase.STARTING)
+    client = await client_for(aiohttp_client, state)
+    asyncio.get_running_loop().call_later(0.1, state.set_phase, Phase.STOPPING)
+    started = time.monotonic()
+    resp = await client.get("/health/comfyui", params={"wait": "30"})
+    assert resp.status == 503 and time.monotonic() - started < 2.0
+
+
+async def test_errors_are_json(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    client = await client_for(aiohttp_client, node(make_ready(instance(0))))
+    cases = {
+        "/health/comfyui/instances/7": 404,
+        "/health/comfyui/instances/abc": 400,
+        "/health/comfyui?wait=abc": 400,
+        "/health/comfyui?wait=-1": 400,
+        "/health/comfyui?wait=nan": 400,
+        "/no/such/route": 404,
+    }
+    for path, status in cases.items():
+        resp = await client.get(path)
+        assert resp.status == status, path
+        assert resp.content_type == "application/json", path
+        body = await resp.json()
+        assert body["status"] == "error" and body["error"], path
+    resp = await client.get("/health/comfyui/instances/7")
+    assert (await resp.json())["known_gpus"] == [0]
+    resp = await client.post("/health/comfyui")
+    assert resp.status == 405 and resp.content_type == "application/json"
+
+
+async def test_every_endpoint_answers(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    client = await client_for(aiohttp_client, node(make_ready(instance(0))))
+    for path in ("/health/comfyui", "/health/comfyui/installation", "/health/comfyui/instances",
+                 "/health/comfyui/instances/0", "/health/comfyui/models", "/livez", "/readyz"):
+        resp = await client.get(path)
+        body = await resp.json()
+        assert resp.status == 200, path
+        assert {"status", "phase", "reasons"} <= body.keys(), path
+        assert resp.headers["Cache-Control"] == "no-store"
