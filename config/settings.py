@@ -43,9 +43,7 @@ class Settings(BaseSettings):
     comfyui_port_start: int = Field(8188, ge=1, le=65535, description="a TCP port, 1-65535")
     comfyui_listen: str = Field("127.0.0.1", description="an IPv4 or IPv6 address")
     comfyui_args: str = Field("", description="extra ComfyUI flags, shell-quoted")
-    comfyui_repo: str = Field(
-        "https://github.com/Comfy-Org/ComfyUI.git", description="a git URL"
-    )
+    comfyui_repo: str = Field("https://github.com/Comfy-Org/ComfyUI.git", description="a git URL")
     comfyui_ref: str = Field("v0.3.64", min_length=1, description="a commit, tag or branch")
     comfyui_install_path: Path | None = Field(
         None, description="a directory; default <MACHINE_WORKSPACE>/ComfyUI"
@@ -138,9 +136,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def load_settings(
-    environ: dict[str, str] | None = None, **overrides: Any
-) -> Settings:
+def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
     """Build Settings from the environment and MACHINE_CONFIG; ConfigError lists every problem.
 
     ``overrides`` win over everything (used by the demo and tests)."""
@@ -165,8 +161,11 @@ def load_settings(
         except ValidationError:
             rest = None
         if rest is not None:
-            problems += [p for p in check_settings(rest, scoped_env, toml_path)
-                         if p.source.split(" ")[0].lower() not in bad]
+            problems += [
+                p
+                for p in check_settings(rest, scoped_env, toml_path)
+                if p.source.split(" ")[0].lower() not in bad
+            ]
         raise ConfigError(problems) from None
     problems = check_settings(settings, scoped_env, toml_path)
     if problems:

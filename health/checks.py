@@ -73,8 +73,10 @@ def _not_ready_reasons(inst: InstanceState, now: float) -> list[str]:
     if smoke is None or smoke.status is SmokeStatus.RUNNING:
         probe = inst.last_probe
         if smoke is None and probe is not None and not probe.ok:
-            return [f"{name} (pid {inst.pid}, {up}) is starting: {url} not answering yet "
-                    f"({probe.error})"]
+            return [
+                f"{name} (pid {inst.pid}, {up}) is starting: {url} not answering yet "
+                f"({probe.error})"
+            ]
         if smoke is None:
             return [f"{name} (pid {inst.pid}, {up}) is starting: waiting for {url}"]
         return [f"{name} is running its smoke prompt (EmptyImage -> SaveImage)"]
@@ -94,8 +96,11 @@ def instance_status(inst: InstanceState) -> str:
     failed = (
         inst.blocked_reason is not None
         or inst.process_state is ProcessState.FATAL
-        or (inst.smoke is not None and inst.smoke.status is SmokeStatus.FAILED
-            and inst.smoke.pid == inst.pid)
+        or (
+            inst.smoke is not None
+            and inst.smoke.status is SmokeStatus.FAILED
+            and inst.smoke.pid == inst.pid
+        )
     )
     return "failed" if failed else "starting"
 
@@ -180,20 +185,24 @@ def node_report(state: MachineState, now: float) -> Report:
         return 503, _body("failed", Phase.FAILED, [reason + step], **summary)
     if state.phase is Phase.STOPPING:
         return 503, _body(
-            "failed", Phase.STOPPING, ["the node is shutting down; instances are stopping"],
+            "failed",
+            Phase.STOPPING,
+            ["the node is shutting down; instances are stopping"],
             **summary,
         )
     if state.phase in BOOT_PHASES:
         return 503, _body("starting", state.phase, _boot_reasons(state), **summary)
     if state.supervisor_expected and not state.supervisor_up:
         return 503, _body(
-            "failed", Phase.FAILED,
+            "failed",
+            Phase.FAILED,
             ["supervisord is not running; no instance is supervised. See logs/supervisord.log"],
             **summary,
         )
     if not instances:
-        return 200, _body("ready", Phase.READY, ["ComfyUI is disabled (ENABLE_COMFYUI=false)"],
-                          **summary)
+        return 200, _body(
+            "ready", Phase.READY, ["ComfyUI is disabled (ENABLE_COMFYUI=false)"], **summary
+        )
     reasons = [r for i in instances for r in i["reasons"]]
     ready = summary["ready_instances"]
     if ready == len(instances):
@@ -238,8 +247,9 @@ def installation_report(state: MachineState) -> Report:
     if failed:
         reasons = [f"install step {s.name} failed: {s.error}" for s in failed]
         return 503, _body("failed", state.phase, reasons, steps=steps)
-    pending = [s for s in state.install_steps if s.status in (StepStatus.PENDING,
-                                                               StepStatus.RUNNING)]
+    pending = [
+        s for s in state.install_steps if s.status in (StepStatus.PENDING, StepStatus.RUNNING)
+    ]
     if state.phase in (Phase.INITIALIZING, Phase.INSTALLING) or pending:
         names = ", ".join(s.name for s in pending) or "not started"
         return 503, _body("starting", state.phase, [f"installing: {names}"], steps=steps)

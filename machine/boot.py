@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 def build_plan(settings: Settings, inventory: GpuInventory) -> NodePlan:
     """Discover GPUs (never in CPU mode) and plan; raises ConfigError/GpuError, starts nothing."""
-    gpus = [] if settings.comfyui_cpu_only or not settings.enable_comfyui else (
-        inventory.list_gpus())
+    gpus = (
+        [] if settings.comfyui_cpu_only or not settings.enable_comfyui else (inventory.list_gpus())
+    )
     return make_plan(settings, gpus)
 
 
@@ -39,7 +40,10 @@ async def _install(settings: Settings, plan: NodePlan, state: MachineState) -> N
     started = time.monotonic()
     try:
         result = await asyncio.to_thread(
-            ensure_checkout, settings.comfyui_repo, settings.comfyui_ref, plan.install_path,
+            ensure_checkout,
+            settings.comfyui_repo,
+            settings.comfyui_ref,
+            plan.install_path,
             "ComfyUI",
         )
         if not (plan.install_path / "main.py").is_file():
@@ -54,9 +58,17 @@ async def _install(settings: Settings, plan: NodePlan, state: MachineState) -> N
     step.status = StepStatus.SKIPPED if result.action == "skipped" else StepStatus.DONE
     step.detail = f"{result.action} {settings.comfyui_ref} at {result.commit}"
     step.duration_s = round(time.monotonic() - started, 3)
-    log.info("install step", extra={"fields": {"step": "comfyui", "action": result.action,
-                                                "commit": result.commit,
-                                                "duration_s": step.duration_s}})
+    log.info(
+        "install step",
+        extra={
+            "fields": {
+                "step": "comfyui",
+                "action": result.action,
+                "commit": result.commit,
+                "duration_s": step.duration_s,
+            }
+        },
+    )
     state.changed()
 
 
@@ -83,8 +95,10 @@ async def run_node(
             f"{plan.health_listen}:{plan.health_port} ({exc.strerror}); free the port or "
             "choose another MACHINE_HEALTH_PORT"
         ) from None
-    log.info("health server", extra={"fields": {
-        "url": f"http://{plan.health_listen}:{plan.health_port}/health/comfyui"}})
+    log.info(
+        "health server",
+        extra={"fields": {"url": f"http://{plan.health_listen}:{plan.health_port}/health/comfyui"}},
+    )
     controller: InstanceController | None = None
     tasks: list[asyncio.Task[None]] = []
     code = 0
@@ -143,14 +157,14 @@ async def _boot(
             await asyncio.shield(controller.stop())
             raise
     except MachineError as exc:
-        log.error("boot failed", extra={"fields": {"phase": state.phase.value,
-                                                    "error": str(exc)}})
+        log.error("boot failed", extra={"fields": {"phase": state.phase.value, "error": str(exc)}})
         state.set_phase(Phase.FAILED, str(exc), state.phase.value.lower())
         return None, []
     except Exception as exc:  # a bug, not bad input: keep the node up and say what broke
         log.exception("boot failed unexpectedly", extra={"fields": {"phase": state.phase.value}})
-        state.set_phase(Phase.FAILED, f"internal error: {type(exc).__name__}: {exc}",
-                        state.phase.value.lower())
+        state.set_phase(
+            Phase.FAILED, f"internal error: {type(exc).__name__}: {exc}", state.phase.value.lower()
+        )
         return None, []
     session = aiohttp.ClientSession()
     probe_settings = ProbeSettings(

@@ -67,12 +67,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     health = f"http://{host}:{plan.health_port}"
 
     def announce() -> None:
-        print(f"comfy-machine demo is ready: {len(plan.instances)} ComfyUI stand-in instance(s)",
-              flush=True)
+        print(
+            f"comfy-machine demo is ready: {len(plan.instances)} ComfyUI stand-in instance(s)",
+            flush=True,
+        )
         print(f"  health:    {health}/health/comfyui", flush=True)
         for inst in plan.instances:
-            print(f"  gpu {inst.gpu}:     {inst.url}   ({inst.name}, log {inst.log_path})",
-                  flush=True)
+            print(
+                f"  gpu {inst.gpu}:     {inst.url}   ({inst.name}, log {inst.log_path})", flush=True
+            )
         print("Stop with Ctrl-C.", flush=True)
 
     print(f"Booting the demo node in {workspace} (health on {health}) ...", flush=True)
@@ -103,8 +106,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"health:    http://{plan.health_listen}:{plan.health_port}/health/comfyui")
     print(f"instances: {len(plan.instances)}{' (CPU mode)' if plan.cpu_only else ''}")
     for inst in plan.instances:
-        print(f"- {inst.name}: gpu {inst.gpu} ({inst.gpu_name}, {inst.gpu_uuid}) port {inst.port}"
-              f" url {inst.url}")
+        print(
+            f"- {inst.name}: gpu {inst.gpu} ({inst.gpu_name}, {inst.gpu_uuid}) port {inst.port}"
+            f" url {inst.url}"
+        )
         print(f"    env:  {' '.join(f'{k}={v}' for k, v in inst.env.items())}")
         print(f"    argv: {' '.join(inst.argv)}")
         print(f"    cwd:  {inst.cwd}   log: {inst.log_path}")
@@ -132,9 +137,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"node: {body.get('status')} (phase {body.get('phase')}, HTTP {code})")
         for inst in body.get("instances", []):
             queue = f"queue {inst.get('queue_running')}/{inst.get('queue_pending')}"
-            print(f"gpu {inst['gpu']}  {inst['name']:<14} {inst['state']:<9} "
-                  f"{'ready' if inst['ready'] else 'not ready':<9} port {inst['port']}  "
-                  f"pid {inst['pid']}  restarts {inst['restarts']}  {queue}")
+            print(
+                f"gpu {inst['gpu']}  {inst['name']:<14} {inst['state']:<9} "
+                f"{'ready' if inst['ready'] else 'not ready':<9} port {inst['port']}  "
+                f"pid {inst['pid']}  restarts {inst['restarts']}  {queue}"
+            )
             for reason in inst.get("reasons", []):
                 print(f"      {reason}")
     return 0 if code == 200 else 1
@@ -166,8 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("up", help="boot and supervise the node until SIGTERM (the entrypoint)")
     demo = sub.add_parser("demo", help="the same boot without a GPU, on the ComfyUI stand-in")
     demo.add_argument("--gpus", type=int, default=2, help="CPU instances to run (default 2)")
-    demo.add_argument("--workspace", default="demo-workspace",
-                      help="workspace directory (default ./demo-workspace)")
+    demo.add_argument(
+        "--workspace",
+        default="demo-workspace",
+        help="workspace directory (default ./demo-workspace)",
+    )
     plan = sub.add_parser("plan", help="validate settings, print the plan; start nothing")
     plan.add_argument("--json", action="store_true")
     status = sub.add_parser("status", help="ask a running node's health server")

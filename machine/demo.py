@@ -22,11 +22,14 @@ def prepare_standin_repo(workspace: Path) -> tuple[str, str]:
         if existing.name != ".git":
             shutil.rmtree(existing) if existing.is_dir() else existing.unlink()
     shutil.copytree(
-        SOURCE_DIR, repo_dir, dirs_exist_ok=True,
+        SOURCE_DIR,
+        repo_dir,
+        dirs_exist_ok=True,
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "output", "input", "models"),
     )
     repo.git.add("--all")
     if not repo.head.is_valid() or repo.is_dirty(index=True, working_tree=False):
-        repo.index.commit("ComfyUI stand-in for comfy-machine demo", author=DEMO_AUTHOR,
-                          committer=DEMO_AUTHOR)
+        repo.index.commit(
+            "ComfyUI stand-in for comfy-machine demo", author=DEMO_AUTHOR, committer=DEMO_AUTHOR
+        )
     return repo_dir.resolve().as_uri(), repo.head.commit.hexsha

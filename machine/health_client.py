@@ -20,9 +20,10 @@ async def get_health(base_url: str, path: str, wait: float = 0.0) -> tuple[int, 
     params = {"wait": f"{wait:.3f}"} if wait > 0 else None
     timeout = aiohttp.ClientTimeout(total=wait + 10.0)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
-            base_url.rstrip("/") + path, params=params
-        ) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(base_url.rstrip("/") + path, params=params) as resp,
+        ):
             return resp.status, await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise HealthClientError(

@@ -36,8 +36,10 @@ def _with_retries(what: str, fn, *args, **kwargs):  # type: ignore[no-untyped-de
                 raise InstallError(
                     f"{what} failed after {ATTEMPTS} attempts: {_stderr(exc)}"
                 ) from None
-            log.warning("git retry", extra={"fields": {"what": what, "attempt": attempt,
-                                                        "error": _stderr(exc)}})
+            log.warning(
+                "git retry",
+                extra={"fields": {"what": what, "attempt": attempt, "error": _stderr(exc)}},
+            )
             time.sleep(0.5 * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
 
@@ -58,8 +60,13 @@ def resolve_ref(url: str, ref: str, what: str) -> str:
     for candidate in (f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}", f"refs/heads/{ref}", ref):
         if candidate in refs:
             return refs[candidate]
-    names = sorted({n.removeprefix("refs/tags/").removeprefix("refs/heads/").removesuffix("^{}")
-                    for n in refs if n.startswith(("refs/tags/", "refs/heads/"))})
+    names = sorted(
+        {
+            n.removeprefix("refs/tags/").removeprefix("refs/heads/").removesuffix("^{}")
+            for n in refs
+            if n.startswith(("refs/tags/", "refs/heads/"))
+        }
+    )
     close = difflib.get_close_matches(ref, names, n=5, cutoff=0.3) or names[:5]
     raise InstallError(
         f"{what}: ref {ref!r} not found in {url}; "
@@ -70,8 +77,11 @@ def resolve_ref(url: str, ref: str, what: str) -> str:
 def ensure_checkout(url: str, ref: str, dest: Path, what: str) -> CheckoutResult:
     """Make ``dest`` a clean checkout of ``ref``; skip all work when it already is one."""
     target = resolve_ref(url, ref, what)
-    action = _update(url, ref, target, dest, what) if dest.exists() else _clone(
-        url, ref, target, dest, what)
+    action = (
+        _update(url, ref, target, dest, what)
+        if dest.exists()
+        else _clone(url, ref, target, dest, what)
+    )
     # Check what is on disk, not what the commands claimed.
     with git.Repo(dest) as repo:
         head = repo.head.commit.hexsha
@@ -109,8 +119,9 @@ def _clone(url: str, ref: str, target: str, dest: Path, what: str) -> str:
     partial = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    repo = _with_retries(f"{what}: git clone {url}", git.Repo.clone_from, url, partial,
-                         no_checkout=True)
+    repo = _with_retries(
+        f"{what}: git clone {url}", git.Repo.clone_from, url, partial, no_checkout=True
+    )
     with repo:
         if not _has_commit(repo, target):
             _fetch(repo, url, ref, target, what)
@@ -130,7 +141,12 @@ def _has_commit(repo: git.Repo, sha: str) -> bool:
 def _fetch(repo: git.Repo, url: str, ref: str, target: str, what: str) -> None:
     if repo.remotes and repo.remotes[0].url != url:
         repo.remotes[0].set_url(url)
-    _with_retries(f"{what}: git fetch {url}", repo.git.fetch, "--tags", url,
-                  "+refs/heads/*:refs/remotes/origin/*")
+    _with_retries(
+        f"{what}: git fetch {url}",
+        repo.git.fetch,
+        "--tags",
+        url,
+        "+refs/heads/*:refs/remotes/origin/*",
+    )
     if not _has_commit(repo, target):
         raise InstallError(f"{what}: commit {target} ({ref}) is not in {url}")

@@ -71,9 +71,17 @@ class InstanceController:
         if event.pid:
             self._adopt_pid(inst, event.pid)
         self.state.changed()
-        log.info("process state", extra={"fields": {
-            "instance": event.process, "from": event.from_state.name,
-            "to": event.to_state.name, "pid": event.pid}})
+        log.info(
+            "process state",
+            extra={
+                "fields": {
+                    "instance": event.process,
+                    "from": event.from_state.name,
+                    "to": event.to_state.name,
+                    "pid": event.pid,
+                }
+            },
+        )
         self._spawn(self.refresh(event.process), f"refresh-{event.process}")
 
     async def refresh(self, name: str) -> None:
@@ -83,12 +91,16 @@ class InstanceController:
                 info = await self.supervisord.rpc.process(f"{self.plan.group}:{name}")
             except RpcFault as fault:
                 if fault.code != Fault.SHUTDOWN_STATE:  # expected while the node stops
-                    log.warning("cannot refresh process", extra={"fields": {
-                        "instance": name, "error": str(fault)}})
+                    log.warning(
+                        "cannot refresh process",
+                        extra={"fields": {"instance": name, "error": str(fault)}},
+                    )
                 return
             except SupervisorError as exc:
-                log.warning("cannot refresh process", extra={"fields": {"instance": name,
-                                                                        "error": str(exc)}})
+                log.warning(
+                    "cannot refresh process",
+                    extra={"fields": {"instance": name, "error": str(exc)}},
+                )
                 return
             await self._apply(self._by_name[name], info)
 
@@ -104,8 +116,11 @@ class InstanceController:
     async def _apply(self, inst: InstanceState, info: ProcessInfo) -> None:
         inst.process_state = info.state
         inst.spawn_error = info.spawnerr or None
-        inst.exit_description = info.description if info.state not in (
-            ProcessState.RUNNING, ProcessState.STARTING) else None
+        inst.exit_description = (
+            info.description
+            if info.state not in (ProcessState.RUNNING, ProcessState.STARTING)
+            else None
+        )
         if info.pid:
             self._adopt_pid(inst, info.pid)
             inst.started_at = float(info.start)
@@ -150,8 +165,10 @@ class InstanceController:
             self._unwatch(inst.plan.name)
             if inst.pid == pid:
                 inst.pid_exited = True
-                log.warning("instance process exited", extra={"fields": {
-                    "instance": inst.plan.name, "pid": pid}})
+                log.warning(
+                    "instance process exited",
+                    extra={"fields": {"instance": inst.plan.name, "pid": pid}},
+                )
                 self.state.changed()
 
         loop.add_reader(fd, exited)
@@ -173,9 +190,10 @@ class InstanceController:
                 f"by {holder}; stop that process or change COMFYUI_PORT_START (retrying)"
             )
             if inst.blocked_reason != reason:
-                log.warning("port in use", extra={"fields": {"instance": plan.name,
-                                                             "port": plan.port,
-                                                             "holder": holder}})
+                log.warning(
+                    "port in use",
+                    extra={"fields": {"instance": plan.name, "port": plan.port, "holder": holder}},
+                )
                 inst.blocked_reason = reason
                 self.state.changed()
             return

@@ -131,8 +131,9 @@ class InstanceProber:
         while not await self._probe(pid):
             await self._sleep_while_alive(pid, STARTUP_POLL_S)
         # Start-up failures before the first answer are not failures of a running instance.
-        log.info("instance answering", extra={"fields": {"instance": self._inst.plan.name,
-                                                          "pid": pid}})
+        log.info(
+            "instance answering", extra={"fields": {"instance": self._inst.plan.name, "pid": pid}}
+        )
 
     async def _smoke(self, pid: int) -> None:
         inst = self._inst
@@ -185,7 +186,13 @@ class InstanceProber:
         smoke.error = error
         log.info(
             "smoke " + smoke.status.value,
-            extra={"fields": {"instance": self._inst.plan.name, "pid": smoke.pid,
-                              "duration_s": smoke.duration_s, "error": error}},
+            extra={
+                "fields": {
+                    "instance": self._inst.plan.name,
+                    "pid": smoke.pid,
+                    "duration_s": smoke.duration_s,
+                    "error": error,
+                }
+            },
         )
         self._state.changed()

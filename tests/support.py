@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -103,8 +104,11 @@ class Node:
         self.workspace.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "machine", command], env=self.env, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "machine", command],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         return self
 
@@ -112,8 +116,9 @@ class Node:
         return http_json(self.url + path, timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
-        code, body = wait_until(lambda: self._answer("/health/comfyui?wait=5"), timeout,
-                                "node ready")
+        code, body = wait_until(
+            lambda: self._answer("/health/comfyui?wait=5"), timeout, "node ready"
+        )
         assert code == 200, (code, body, self.log())
         return body
 
@@ -154,15 +159,11 @@ class Node:
             procs = []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
         for proc in procs:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-            except psutil.NoSuchProcess:
-                pass
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)

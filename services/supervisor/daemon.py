@@ -90,14 +90,25 @@ class Supervisord:
         await asyncio.to_thread(reap_stale, self.plan, self.plan.policy.stop_timeout + 5.0)
         self.write_conf()
         argv = [
-            sys.executable, "-m", "services.supervisor.launch", str(os.getpid()), "--",
-            sys.executable, "-m", "supervisor.supervisord", "-n", "-c",
+            sys.executable,
+            "-m",
+            "services.supervisor.launch",
+            str(os.getpid()),
+            "--",
+            sys.executable,
+            "-m",
+            "supervisor.supervisord",
+            "-n",
+            "-c",
             str(self.plan.supervisor_conf),
         ]
         with self.output_path.open("ab") as out:
             # Own session: a terminal's Ctrl-C reaches the agent alone, which stops the rest.
             self._proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
                 start_new_session=True,
             )
         deadline = time.monotonic() + START_DEADLINE_S
@@ -146,8 +157,10 @@ class Supervisord:
         try:
             await asyncio.wait_for(proc.wait(), grace)
         except TimeoutError:
-            log.error("supervisord did not stop in time; killing its process tree",
-                      extra={"fields": {"grace_s": grace}})
+            log.error(
+                "supervisord did not stop in time; killing its process tree",
+                extra={"fields": {"grace_s": grace}},
+            )
         # Last resort, also for children that escaped their process group.
         survivors = [p for p in tree if p.is_running()]
         for leftover in survivors:

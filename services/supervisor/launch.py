@@ -26,8 +26,10 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 3 or args[1] != "--":
-        print("usage: python -m services.supervisor.launch PARENT_PID -- PROGRAM [ARGS...]",
-              file=sys.stderr)
+        print(
+            "usage: python -m services.supervisor.launch PARENT_PID -- PROGRAM [ARGS...]",
+            file=sys.stderr,
+        )
         return 2
     parent, program = int(args[0]), args[2:]
     set_parent_death_signal()

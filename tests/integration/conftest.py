@@ -27,8 +27,9 @@ def make_node(standin_repo: tuple[str, str]) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
     def make(gpus: int = 2, **env: str) -> Node:
-        node = Node(short_tmpdir() / "ws", {"COMFYUI_REPO": url, "COMFYUI_REF": commit, **env},
-                    gpus)
+        node = Node(
+            short_tmpdir() / "ws", {"COMFYUI_REPO": url, "COMFYUI_REF": commit, **env}, gpus
+        )
         nodes.append(node)
         return node
 

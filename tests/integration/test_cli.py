@@ -1,4 +1,4 @@
-"""The command line as users run it: exit codes, what it prints, and that bad input writes nothing."""
+"""The command line as users run it: exit codes, output, and bad input writing nothing."""
 
 from __future__ import annotations
 
@@ -13,10 +13,16 @@ from pathlib import Path
 from tests.support import Node, free_port_range, wait_until
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "machine", *args], env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "machine", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_plan_prints_instances_and_conf_and_writes_nothing(workspace: Path) -> None:
@@ -35,8 +41,12 @@ def test_plan_prints_instances_and_conf_and_writes_nothing(workspace: Path) -> N
 
 def test_bad_settings_exit_2_one_line_each_nothing_written(workspace: Path) -> None:
     ws = workspace / "ws"
-    env = {"NUM_GPUS": "abc", "COMFYUI_PORT_START": "70000", "COMFYUI_ARGS": "--port 1",
-           "MACHINE_WORKSPACE": str(ws)}
+    env = {
+        "NUM_GPUS": "abc",
+        "COMFYUI_PORT_START": "70000",
+        "COMFYUI_ARGS": "--port 1",
+        "MACHINE_WORKSPACE": str(ws),
+    }
     out = run_cli("up", env=env)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
@@ -87,17 +97,36 @@ def test_wait_ready_without_a_node() -> None:
 
 def test_demo_prints_urls_when_ready_and_stops_on_ctrl_c(workspace: Path) -> None:
     health, start = free_port_range(1), free_port_range(2)
-    env = {**os.environ, "MACHINE_HEALTH_PORT": str(health), "COMFYUI_PORT_START": str(start),
-           "MACHINE_HEALTH_LISTEN": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "MACHINE_HEALTH_PORT": str(health),
+        "COMFYUI_PORT_START": str(start),
+        "MACHINE_HEALTH_LISTEN": "127.0.0.1",
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "machine", "demo", "--gpus", "2", "--workspace",
-         str(workspace / "demo")], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True)
+        [
+            sys.executable,
+            "-m",
+            "machine",
+            "demo",
+            "--gpus",
+            "2",
+            "--workspace",
+            str(workspace / "demo"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         lines: list[str] = []
-        wait_until(lambda: lines.append(proc.stdout.readline()) or "Stop with" in lines[-1], 60,
-                   "the demo's ready banner")
+        wait_until(
+            lambda: lines.append(proc.stdout.readline()) or "Stop with" in lines[-1],
+            60,
+            "the demo's ready banner",
+        )
         text = "".join(lines)
         assert "comfy-machine demo is ready: 2 ComfyUI stand-in instance(s)" in text
         assert f"http://127.0.0.1:{health}/health/comfyui" in text

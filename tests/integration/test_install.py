@@ -59,7 +59,7 @@ def test_unreachable_repo_fails_after_retries(tmp_path: Path) -> None:
 def test_modified_tracked_files_are_never_overwritten(
     upstream: tuple[str, git.Repo], tmp_path: Path
 ) -> None:
-    url, repo = upstream
+    url, _repo = upstream
     dest = tmp_path / "ComfyUI"
     ensure_checkout(url, "v1.0.0", dest, "ComfyUI")
     (dest / "main.py").write_text("print('local fix')\n")

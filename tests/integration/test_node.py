@@ -29,7 +29,9 @@ def test_boot_all_ready_with_the_fields_workers_use(make_node: Callable[..., Nod
         assert str(inst["port"]) in stats["system"]["argv"]
         # The plan's environment reached the process: CPU mode hides every GPU.
         environ = psutil.Process(inst["pid"]).environ()
-        assert environ["CUDA_VISIBLE_DEVICES"] == "" and environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert (
+            environ["CUDA_VISIBLE_DEVICES"] == "" and environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        )
     assert node.get("/livez")[0] == 200 and node.get("/readyz")[0] == 200
     code, install = node.get("/health/comfyui/installation")
     assert code == 200 and install["steps"][0]["name"] == "comfyui"
@@ -49,8 +51,9 @@ def test_kill_9_is_503_within_a_second_then_ready_again(make_node: Callable[...,
     _, before = node.instance(1)
     killed_at = time.monotonic()
     os.kill(before["pid"], signal.SIGKILL)
-    code, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(node.instance(1)), 1.0,
-                            "gpu 1 to answer 503")
+    code, body = wait_until(
+        lambda: (lambda r: r if r[0] == 503 else None)(node.instance(1)), 1.0, "gpu 1 to answer 503"
+    )
     assert time.monotonic() - killed_at < 1.0
     assert body["ready"] is False and "exited" in body["reasons"][0]
     code, overall = node.get("/health/comfyui")
@@ -66,7 +69,7 @@ def test_crash_loop_ends_fatal_with_log_tail(make_node: Callable[..., Node]) -> 
     node = make_node(gpus=1, COMFYUI_ARGS="--no-such-flag", INSTANCE_START_RETRIES="2").start()
 
     def fatal() -> dict | None:
-        code, body = node.instance(0)
+        _code, body = node.instance(0)
         return body if body["state"] == "FATAL" else None
 
     body = wait_until(fatal, 30, "instance FATAL")
@@ -107,7 +110,7 @@ def test_sigterm_stops_everything_cleanly(make_node: Callable[..., Node]) -> Non
     tree = node.tree()
     assert len(tree) >= 5  # agent, supervisord, event listener, 2 instances
     assert node.stop(signal.SIGTERM) == 0
-    gone, alive = psutil.wait_procs(tree, timeout=5)
+    _gone, alive = psutil.wait_procs(tree, timeout=5)
     assert alive == []
     # Instances got SIGINT (ComfyUI's clean shutdown), not SIGTERM.
     for log in (node.workspace / "logs").glob("comfyui-gpu*.log"):

@@ -20,9 +20,17 @@ NOW = 1_000_000.0
 
 def instance(gpu: int) -> InstanceState:
     plan = InstancePlan(
-        gpu=gpu, name=f"comfyui-gpu{gpu}", gpu_uuid=f"GPU-{gpu}", gpu_name="test", port=8188 + gpu,
-        listen="127.0.0.1", url=f"http://127.0.0.1:{8188 + gpu}", argv=("python", "main.py"),
-        env={}, cwd=Path("/ws/ComfyUI"), log_path=Path(f"/ws/logs/comfyui-gpu{gpu}.log"),
+        gpu=gpu,
+        name=f"comfyui-gpu{gpu}",
+        gpu_uuid=f"GPU-{gpu}",
+        gpu_name="test",
+        port=8188 + gpu,
+        listen="127.0.0.1",
+        url=f"http://127.0.0.1:{8188 + gpu}",
+        argv=("python", "main.py"),
+        env={},
+        cwd=Path("/ws/ComfyUI"),
+        log_path=Path(f"/ws/logs/comfyui-gpu{gpu}.log"),
     )
     return InstanceState(plan=plan)
 
@@ -46,8 +54,20 @@ def test_all_ready() -> None:
     assert code == 200 and body["status"] == "ready" and body["phase"] == "READY"
     assert body["reasons"] == [] and body["ready_instances"] == 2
     entry = body["instances"][0]
-    for key in ("gpu", "name", "port", "url", "state", "ready", "pid", "restarts", "last_probe",
-                "smoke", "queue_pending", "queue_running"):
+    for key in (
+        "gpu",
+        "name",
+        "port",
+        "url",
+        "state",
+        "ready",
+        "pid",
+        "restarts",
+        "last_probe",
+        "smoke",
+        "queue_pending",
+        "queue_running",
+    ):
         assert key in entry
     assert entry["state"] == "RUNNING" and entry["ready"] is True
 
@@ -169,8 +189,10 @@ def test_models_without_manifest() -> None:
 def test_every_body_has_status_phase_reasons() -> None:
     state = node(instance(0), phase=Phase.STARTING)
     for code, body in (
-        checks.node_report(state, NOW), checks.installation_report(state),
-        checks.models_report(state), checks.livez_report(state),
+        checks.node_report(state, NOW),
+        checks.installation_report(state),
+        checks.models_report(state),
+        checks.livez_report(state),
         checks.instance_report(state, 0, NOW),
     ):
         assert code in (200, 503)

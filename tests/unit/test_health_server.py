@@ -73,8 +73,15 @@ async def test_errors_are_json(aiohttp_client) -> None:  # type: ignore[no-untyp
 
 async def test_every_endpoint_answers(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
     client = await client_for(aiohttp_client, node(make_ready(instance(0))))
-    for path in ("/health/comfyui", "/health/comfyui/installation", "/health/comfyui/instances",
-                 "/health/comfyui/instances/0", "/health/comfyui/models", "/livez", "/readyz"):
+    for path in (
+        "/health/comfyui",
+        "/health/comfyui/installation",
+        "/health/comfyui/instances",
+        "/health/comfyui/instances/0",
+        "/health/comfyui/models",
+        "/livez",
+        "/readyz",
+    ):
         resp = await client.get(path)
         body = await resp.json()
         assert resp.status == 200, path

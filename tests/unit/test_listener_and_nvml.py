@@ -18,20 +18,26 @@ from services.supervisor.states import ProcessState
 
 def test_listener_relays_events_and_acks(tmp_path: Path) -> None:
     address = str(tmp_path / "events.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as agent, socket.socket(
-        socket.AF_UNIX, socket.SOCK_DGRAM
-    ) as sender:
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as agent,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender,
+    ):
         agent.bind(address)
         payload = "processname:comfyui-gpu0 groupname:comfyui from_state:RUNNING expected:0 pid:42"
-        header = ("ver:3.0 server:supervisor serial:7 pool:l poolserial:1 "
-                  f"eventname:PROCESS_STATE_EXITED len:{len(payload)}\n")
+        header = (
+            "ver:3.0 server:supervisor serial:7 pool:l poolserial:1 "
+            f"eventname:PROCESS_STATE_EXITED len:{len(payload)}\n"
+        )
         stdout = io.StringIO()
         relay(io.StringIO(header + payload), stdout, sender, address)
         assert stdout.getvalue() == "READY\nRESULT 2\nOKREADY\n"
         event = ProcessEvent.from_message(json.loads(agent.recv(65536)))
     assert event is not None
     assert (event.process, event.from_state, event.to_state) == (
-        "comfyui-gpu0", ProcessState.RUNNING, ProcessState.EXITED)
+        "comfyui-gpu0",
+        ProcessState.RUNNING,
+        ProcessState.EXITED,
+    )
     assert event.pid == 42 and event.expected is False and event.serial == 7
 
 

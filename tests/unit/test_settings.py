@@ -52,8 +52,16 @@ def test_port_range_past_65535() -> None:
     assert "65534-65536" in line and "<= 65533" in line
 
 
-@pytest.mark.parametrize("args", ["--port 9000", "--listen 0.0.0.0", "--lis=0.0.0.0",
-                                  "--cuda-device 1", "--output-directory /x"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        "--port 9000",
+        "--listen 0.0.0.0",
+        "--lis=0.0.0.0",
+        "--cuda-device 1",
+        "--output-directory /x",
+    ],
+)
 def test_comfyui_args_cannot_set_plan_owned_flags(args: str) -> None:
     (line,) = problems({"COMFYUI_ARGS": f"--preview-method auto {args}"})
     assert line.startswith("COMFYUI_ARGS=") and "set by comfy-machine's plan" in line
