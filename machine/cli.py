@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -55,12 +56,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     workspace = Path(args.workspace).resolve()
     url, commit = prepare_standin_repo(workspace)
+    # A demo is for this machine only unless the user says otherwise.
+    listen = {} if "MACHINE_HEALTH_LISTEN" in os.environ else {"machine_health_listen": "127.0.0.1"}
     settings = load_settings(
         comfyui_cpu_only=True,
         num_gpus=args.gpus,
         comfyui_repo=url,
         comfyui_ref=commit,
         machine_workspace=workspace,
+        **listen,
     )
     plan = _plan(settings)
     host = "127.0.0.1" if plan.health_listen in ("0.0.0.0", "::") else plan.health_listen

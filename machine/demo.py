@@ -18,18 +18,19 @@ def prepare_standin_repo(workspace: Path) -> tuple[str, str]:
     repo_dir = workspace / "demo" / "comfyui-standin"
     repo_dir.mkdir(parents=True, exist_ok=True)
     repo = git.Repo(repo_dir) if (repo_dir / ".git").exists() else git.Repo.init(repo_dir)
-    for existing in repo_dir.iterdir():
-        if existing.name != ".git":
-            shutil.rmtree(existing) if existing.is_dir() else existing.unlink()
-    shutil.copytree(
-        SOURCE_DIR,
-        repo_dir,
-        dirs_exist_ok=True,
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "output", "input", "models"),
-    )
-    repo.git.add("--all")
-    if not repo.head.is_valid() or repo.is_dirty(index=True, working_tree=False):
-        repo.index.commit(
-            "ComfyUI stand-in for comfy-machine demo", author=DEMO_AUTHOR, committer=DEMO_AUTHOR
+    with repo:  # close gitpython's `git cat-file` helpers
+        for existing in repo_dir.iterdir():
+            if existing.name != ".git":
+                shutil.rmtree(existing) if existing.is_dir() else existing.unlink()
+        shutil.copytree(
+            SOURCE_DIR,
+            repo_dir,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "output", "input", "models"),
         )
-    return repo_dir.resolve().as_uri(), repo.head.commit.hexsha
+        repo.git.add("--all")
+        if not repo.head.is_valid() or repo.is_dirty(index=True, working_tree=False):
+            repo.index.commit(
+                "ComfyUI stand-in for comfy-machine demo", author=DEMO_AUTHOR, committer=DEMO_AUTHOR
+            )
+        return repo_dir.resolve().as_uri(), repo.head.commit.hexsha

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 
 from machine.errors import SupervisorError
@@ -24,6 +25,13 @@ LOG_TAIL_LINES = 12
 # Events are pushed; this resync only repairs a dropped datagram, so it can be slow.
 RESYNC_INTERVAL_S = 15.0
 RESTART_FROM = (ProcessState.EXITED, ProcessState.BACKOFF)
+
+
+def kill_leftovers(pid: int) -> None:
+    """Kill what remains of an exited instance's process group (children that ignored SIGINT
+    or outlived a crash would hold GPU memory). supervisord makes each program a group leader."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 class InstanceController:
@@ -163,6 +171,7 @@ class InstanceController:
 
         def exited() -> None:
             self._unwatch(inst.plan.name)
+            kill_leftovers(pid)
             if inst.pid == pid:
                 inst.pid_exited = True
                 log.warning(

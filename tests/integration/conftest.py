@@ -6,9 +6,10 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import git
 import pytest
 
-from machine.demo import prepare_standin_repo
+from machine.demo import DEMO_AUTHOR, prepare_standin_repo
 from tests.support import Node, short_tmpdir
 
 
@@ -20,16 +21,30 @@ def standin_repo() -> Iterator[tuple[str, str]]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def standin_variant(root: Path, files: dict[str, str]) -> tuple[str, str]:
+    """A stand-in repository with extra files (e.g. a custom node); URL and commit."""
+    url, _ = prepare_standin_repo(root)
+    repo_dir = root / "demo" / "comfyui-standin"
+    for name, text in files.items():
+        (repo_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo_dir / name).write_text(text)
+    with git.Repo(repo_dir) as repo:
+        repo.git.add("--all")
+        repo.index.commit("variant", author=DEMO_AUTHOR, committer=DEMO_AUTHOR)
+        return url, repo.head.commit.hexsha
+
+
 @pytest.fixture
 def make_node(standin_repo: tuple[str, str]) -> Iterator[Callable[..., Node]]:
-    """Build nodes on free ports with their own workspace; every process is gone afterwards."""
-    url, commit = standin_repo
+    """Build nodes on free ports with their own workspace; every process is gone afterwards.
+
+    ``files`` adds files to the stand-in's repository (a custom node, say)."""
     nodes: list[Node] = []
 
-    def make(gpus: int = 2, **env: str) -> Node:
-        node = Node(
-            short_tmpdir() / "ws", {"COMFYUI_REPO": url, "COMFYUI_REF": commit, **env}, gpus
-        )
+    def make(gpus: int = 2, files: dict[str, str] | None = None, **env: str) -> Node:
+        root = short_tmpdir()
+        url, commit = standin_variant(root, files) if files else standin_repo
+        node = Node(root / "ws", {"COMFYUI_REPO": url, "COMFYUI_REF": commit, **env}, gpus)
         nodes.append(node)
         return node
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import git
@@ -14,7 +15,7 @@ AUTHOR = git.Actor("test", "test@example.invalid")
 
 
 @pytest.fixture
-def upstream(tmp_path: Path) -> tuple[str, git.Repo]:
+def upstream(tmp_path: Path) -> Iterator[tuple[str, git.Repo]]:
     repo = git.Repo.init(tmp_path / "upstream", initial_branch="master")
     (tmp_path / "upstream" / "main.py").write_text("print('v1')\n")
     repo.index.add(["main.py"])
@@ -23,7 +24,8 @@ def upstream(tmp_path: Path) -> tuple[str, git.Repo]:
     (tmp_path / "upstream" / "main.py").write_text("print('v2')\n")
     repo.index.add(["main.py"])
     repo.index.commit("v2", author=AUTHOR, committer=AUTHOR)
-    return (tmp_path / "upstream").as_uri(), repo
+    with repo:  # close gitpython's `git cat-file` helpers
+        yield (tmp_path / "upstream").as_uri(), repo
 
 
 def test_tag_branch_and_commit_resolve_and_warm_run_skips(

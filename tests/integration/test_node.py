@@ -136,3 +136,54 @@ def test_warm_boot_skips_install_and_comes_back(make_node: Callable[..., Node]) 
     node.wait_ready()
     _, install = node.get("/health/comfyui/installation")
     assert install["steps"][0]["status"] == "skipped"
+
+
+# A custom node that starts a helper process which ignores SIGINT, as some real node packs do
+# (servers, watchers): only the group kill after INSTANCE_STOP_TIMEOUT can end it.
+SPAWNING_NODE = """
+import subprocess, sys
+from pathlib import Path
+CHILD = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"
+child = subprocess.Popen([sys.executable, "-c", CHILD])
+Path("child.pid").write_text(str(child.pid))
+NODE_CLASS_MAPPINGS = {}
+"""
+
+
+def test_instance_children_die_with_the_node(make_node: Callable[..., Node]) -> None:
+    node = make_node(
+        gpus=1,
+        files={"custom_nodes/spawner/__init__.py": SPAWNING_NODE},
+        INSTANCE_STOP_TIMEOUT="1",
+    ).start()
+    node.wait_ready()
+    child = psutil.Process(int((node.workspace / "ComfyUI" / "child.pid").read_text()))
+    assert child.is_running()
+    assert node.stop(signal.SIGTERM) == 0
+    _, alive = psutil.wait_procs([child], timeout=5)
+    assert alive == [], "a child of ComfyUI outlived the node"
+
+
+def test_children_of_a_crashed_or_orphaned_instance_are_killed(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node(
+        gpus=1,
+        files={"custom_nodes/spawner/__init__.py": SPAWNING_NODE},
+        INSTANCE_STOP_TIMEOUT="1",
+    ).start()
+    node.wait_ready()
+    pid_file = node.workspace / "ComfyUI" / "child.pid"
+    first_child = psutil.Process(int(pid_file.read_text()))
+    # ComfyUI crashes: its helper must not live on beside the restarted instance.
+    _, body = node.instance(0)
+    os.kill(body["pid"], signal.SIGKILL)
+    _, alive = psutil.wait_procs([first_child], timeout=5)
+    assert alive == [], "the child of a crashed instance outlived it"
+    node.get("/health/comfyui/instances/0?wait=30")
+    second_child = psutil.Process(int(pid_file.read_text()))
+    # The agent dies without cleaning up: supervisord stops the instance, and its child too.
+    assert node.proc is not None
+    node.proc.kill()
+    _, alive = psutil.wait_procs([second_child], timeout=10)
+    assert alive == [], "the child of an instance outlived the SIGKILLed agent"

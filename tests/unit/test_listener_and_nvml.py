@@ -12,7 +12,7 @@ import pytest
 from machine.errors import GpuError
 from services.gpus import NvmlInventory
 from services.supervisor.events import ProcessEvent
-from services.supervisor.listener import relay
+from services.supervisor.listener import reap_group, relay
 from services.supervisor.states import ProcessState
 
 
@@ -70,3 +70,23 @@ def test_real_nvml_adapter_without_driver_is_a_clear_error() -> None:
     with pytest.raises(GpuError) as info:
         NvmlInventory().list_gpus()
     assert "COMFYUI_CPU_ONLY=true" in str(info.value) and "nvmlInit failed" in str(info.value)
+
+
+def test_reap_group_kills_only_the_instances_group() -> None:
+    import subprocess
+    import sys
+
+    leftover = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )  # a group leader, as supervisord makes
+    try:
+        payload = {"groupname": "other", "pid": str(leftover.pid)}
+        assert not reap_group("PROCESS_STATE_EXITED", payload, "comfyui")
+        payload["groupname"] = "comfyui"
+        assert not reap_group("PROCESS_STATE_RUNNING", payload, "comfyui")
+        assert leftover.poll() is None
+        assert reap_group("PROCESS_STATE_EXITED", payload, "comfyui")
+        assert leftover.wait(5) == -9
+    finally:
+        leftover.kill()
+        leftover.wait()
