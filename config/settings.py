@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
-import sys
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -17,6 +18,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from config.nodes import CustomNodeEntry, CustomNodeSpec, build_specs, snapshot_nodes
 from machine.errors import ConfigError, Problem
 
 CONFIG_ENV = "MACHINE_CONFIG"
@@ -52,7 +54,34 @@ class Settings(BaseSettings):
         None, description="a directory; default <MACHINE_WORKSPACE>/models"
     )
     comfyui_python: Path | None = Field(
-        None, description="a Python interpreter for ComfyUI; default the agent's own"
+        None,
+        description="an existing Python interpreter for ComfyUI, used as is; "
+        "default a managed virtualenv at <MACHINE_WORKSPACE>/venv",
+    )
+    comfyui_custom_nodes: str = Field(
+        "", description="comma-separated git URLs, each optionally @ref (commit, tag, branch)"
+    )
+    custom_nodes: list[CustomNodeEntry] = Field(
+        default_factory=list, description="[[custom_nodes]] tables with url, ref, name, "
+        "required, enabled"
+    )
+    custom_nodes_snapshot: Path | None = Field(
+        None, description="a ComfyUI-Manager snapshot file (.json or .yaml)"
+    )
+    protected_packages: list[str] = Field(
+        default_factory=list,
+        description="package names no custom node may upgrade or replace (besides the torch "
+        "family), comma-separated in the environment",
+    )
+    on_conflict: Literal["fail", "skip-node"] = Field(
+        "fail", description="'fail' or 'skip-node'"
+    )
+    install_py_timeout: float = Field(
+        600.0, gt=0, description="seconds a custom node's install.py may run, > 0"
+    )
+    install_workers: int = Field(4, ge=1, le=32, description="parallel git clones, 1-32")
+    install_min_free_gb: float = Field(
+        5.0, ge=0, description="GiB that must be free in the workspace before installing, >= 0"
     )
     machine_workspace: Path = Field(Path("/workspace"), description="a writable directory")
     machine_health_port: int = Field(9188, ge=1, le=65535, description="a TCP port, 1-65535")
@@ -77,6 +106,13 @@ class Settings(BaseSettings):
         50 * 1024 * 1024, ge=0, description="bytes per instance log file before rotation"
     )
     instance_log_backups: int = Field(5, ge=0, le=100, description="rotated log files kept")
+
+    @field_validator("protected_packages", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     @field_validator("comfyui_listen", "machine_health_listen")
     @classmethod
@@ -110,8 +146,13 @@ class Settings(BaseSettings):
         return self.comfyui_models_path or self.machine_workspace / "models"
 
     @property
+    def venv_path(self) -> Path | None:
+        """The managed virtualenv, or None when COMFYUI_PYTHON names an interpreter to use."""
+        return None if self.comfyui_python else self.machine_workspace / "venv"
+
+    @property
     def python(self) -> Path:
-        return self.comfyui_python or Path(sys.executable)
+        return self.comfyui_python or self.machine_workspace / "venv" / "bin" / "python"
 
 
 def _describe_source(field: str, env: dict[str, str], toml_path: Path | None) -> str:
@@ -146,6 +187,9 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     file_values: dict[str, Any] = _read_toml(toml_path) if toml_path else {}
     if toml_path:
         file_values["machine_config"] = toml_path
+        snapshot = file_values.get("custom_nodes_snapshot")
+        if isinstance(snapshot, str) and not Path(snapshot).is_absolute():
+            file_values["custom_nodes_snapshot"] = str(toml_path.parent / snapshot)
     # Only our own variables are read; others in the environment are none of our business.
     known = {name.upper() for name in Settings.model_fields}
     scoped_env = {k: v for k, v in env.items() if k in known and v != ""}
@@ -178,6 +222,13 @@ def _problems(exc: ValidationError, env: dict[str, str], toml_path: Path | None)
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else "?"
         given = err.get("input")
+        if len(err["loc"]) > 1:  # inside a table of the TOML file, e.g. custom_nodes[0].url
+            path = field + "".join(
+                f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"][1:]
+            )
+            where = f"{path} (in {toml_path})" if toml_path else path
+            problems.append(Problem(where, _show(given), err["msg"]))
+            continue
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(field, Settings.model_fields, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
@@ -298,3 +349,34 @@ def check_ports(
             )
         ]
     return []
+
+
+def custom_node_specs(settings: Settings) -> tuple[list[CustomNodeSpec], str]:
+    """The custom nodes to install and the ComfyUI ref, from env, TOML and a snapshot file.
+
+    A snapshot's ComfyUI commit is used unless COMFYUI_REF was set. Raises ConfigError."""
+    snapshot_entries: list[CustomNodeEntry] = []
+    comfyui_ref = settings.comfyui_ref
+    problems: list[Problem] = []
+    path = settings.custom_nodes_snapshot
+    if path is not None:
+        source = f"custom_nodes_snapshot ({path})"
+        try:
+            text = path.read_text()
+            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise ConfigError([Problem("custom_nodes_snapshot", str(path),
+                                       f"cannot be read as a ComfyUI-Manager snapshot: {exc}")]
+                              ) from None
+        if not isinstance(data, dict):
+            raise ConfigError([Problem("custom_nodes_snapshot", str(path),
+                                       "expected a mapping with 'comfyui' and 'git_custom_nodes'")])
+        snapshot_ref, snapshot_entries, problems = snapshot_nodes(data, source)
+        if snapshot_ref and "comfyui_ref" not in settings.model_fields_set:
+            comfyui_ref = snapshot_ref
+    specs, more = build_specs(settings.comfyui_custom_nodes, settings.custom_nodes,
+                              snapshot_entries, "custom_nodes_snapshot")
+    problems += more
+    if problems:
+        raise ConfigError(problems)
+    return specs, comfyui_ref

@@ -10,13 +10,18 @@ from collections.abc import Callable
 
 import aiohttp
 
-from config.settings import Settings
+from config.settings import Settings, custom_node_specs
 from health.checks import node_report
 from health.server import start_health_server
-from machine.errors import MachineError
-from machine.state import InstanceState, MachineState, Phase, StepStatus
+from machine.errors import InstallError, MachineError
+from machine.state import CustomNodeState, InstanceState, MachineState, Phase, StepStatus
 from services.gpus import GpuInventory
-from services.install import ensure_checkout
+from services.install.installer import (
+    Installer,
+    InstallInputs,
+    StepCallback,
+    default_base_python,
+)
 from services.instances import InstanceController
 from services.plan import NodePlan, make_plan
 from services.probes import InstanceProber, ProbeSettings
@@ -26,49 +31,68 @@ log = logging.getLogger(__name__)
 
 def build_plan(settings: Settings, inventory: GpuInventory) -> NodePlan:
     """Discover GPUs (never in CPU mode) and plan; raises ConfigError/GpuError, starts nothing."""
+    custom_node_specs(settings)  # custom-node errors exit 2 with the rest, before anything runs
     gpus = (
         [] if settings.comfyui_cpu_only or not settings.enable_comfyui else (inventory.list_gpus())
     )
     return make_plan(settings, gpus)
 
 
-async def _install(settings: Settings, plan: NodePlan, state: MachineState) -> None:
-    state.set_phase(Phase.INSTALLING)
-    step = state.step("comfyui")
-    step.status, step.started_at = StepStatus.RUNNING, time.time()
-    state.changed()
-    started = time.monotonic()
-    try:
-        result = await asyncio.to_thread(
-            ensure_checkout,
-            settings.comfyui_repo,
-            settings.comfyui_ref,
-            plan.install_path,
-            "ComfyUI",
-        )
-        if not (plan.install_path / "main.py").is_file():
-            raise MachineError(
-                f"ComfyUI: {settings.comfyui_repo}@{settings.comfyui_ref} has no main.py; "
-                "COMFYUI_REPO must be a ComfyUI repository"
-            )
-    except MachineError as exc:
-        step.status, step.error = StepStatus.FAILED, str(exc)
-        step.duration_s = round(time.monotonic() - started, 3)
-        raise
-    step.status = StepStatus.SKIPPED if result.action == "skipped" else StepStatus.DONE
-    step.detail = f"{result.action} {settings.comfyui_ref} at {result.commit}"
-    step.duration_s = round(time.monotonic() - started, 3)
-    log.info(
-        "install step",
-        extra={
-            "fields": {
-                "step": "comfyui",
-                "action": result.action,
-                "commit": result.commit,
-                "duration_s": step.duration_s,
-            }
-        },
+def install_inputs(settings: Settings) -> InstallInputs:
+    """What the install phase works from (custom nodes resolved from env, TOML, snapshot)."""
+    specs, comfyui_ref = custom_node_specs(settings)
+    return InstallInputs(
+        comfyui_url=settings.comfyui_repo,
+        comfyui_ref=comfyui_ref,
+        install_path=settings.install_path,
+        nodes=tuple(specs),
+        python=settings.python,
+        venv=settings.venv_path,
+        base_python=default_base_python(),
+        protected=tuple(settings.protected_packages),
+        on_conflict=settings.on_conflict,
+        install_py_timeout=settings.install_py_timeout,
+        workers=settings.install_workers,
+        workspace=settings.machine_workspace,
+        min_free_bytes=int(settings.install_min_free_gb * 2**30),
     )
+
+
+def record_step(state: MachineState) -> StepCallback:
+    """A step callback, safe to call from the installer's thread, that updates ``state``."""
+    loop = asyncio.get_running_loop()
+
+    def apply(name: str, status: StepStatus, detail: str, error: str | None,
+              duration: float | None) -> None:
+        step = state.step(name)
+        step.status, step.detail, step.error = status, detail, error
+        if status is StepStatus.RUNNING:
+            step.started_at = time.time()
+        if duration is not None:
+            step.duration_s = round(duration, 3)
+        log.log(logging.ERROR if error else logging.INFO, "install step", extra={"fields": {
+            "step": name, "status": status.value, "detail": detail, "error": error,
+            "duration_s": step.duration_s}})
+        state.changed()
+
+    return lambda *args: loop.call_soon_threadsafe(apply, *args)
+
+
+async def _install(settings: Settings, state: MachineState) -> None:
+    state.set_phase(Phase.INSTALLING)
+    installer = Installer(install_inputs(settings), record_step(state))
+    for spec in installer.inputs.nodes:
+        state.custom_nodes[spec.name] = CustomNodeState(
+            spec.name, spec.url, spec.ref, spec.required, spec.enabled,
+            status="ok" if spec.enabled else "disabled")
+    report = await asyncio.to_thread(installer.run)
+    await asyncio.sleep(0)  # let the step callbacks queued by the thread land first
+    for outcome in report.nodes:
+        node = state.custom_nodes[outcome.name]
+        node.commit, node.status, node.error = outcome.commit, outcome.status, outcome.error
+    if not (settings.install_path / "main.py").is_file():
+        raise InstallError(f"ComfyUI: {settings.comfyui_repo}@{settings.comfyui_ref} has no "
+                           "main.py; COMFYUI_REPO must be a ComfyUI repository")
     state.changed()
 
 
@@ -144,7 +168,7 @@ async def _boot(
     """INSTALLING -> DOWNLOADING -> STARTING; on failure set FAILED and return no controller."""
     try:
         if plan.instances:
-            await _install(settings, plan, state)
+            await _install(settings, state)
         state.set_phase(Phase.DOWNLOADING)  # no model manifest yet: nothing to fetch
         state.set_phase(Phase.STARTING)
         for directory in (plan.output_dir, plan.input_dir):

@@ -104,17 +104,68 @@ class InstanceState:
 
 
 @dataclass
+class GpuStatus:
+    """One physical GPU as NVML last saw it: identity, the latest sample, Xid counts and
+    quarantine. Written by the GPU sampler (issue 6, not built yet); read by health and metrics.
+    A quantity NVML could not read stays None and is left out of /metrics."""
+
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str = ""
+    sampled_at: float | None = None
+    temperature_celsius: float | None = None
+    power_watts: float | None = None
+    utilization_ratio: float | None = None  # 0-1, NVML utilization.gpu / 100
+    memory_utilization_ratio: float | None = None  # 0-1, NVML utilization.memory / 100
+    memory_used_bytes: int | None = None
+    memory_free_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    ecc_corrected_total: int | None = None  # volatile (since driver load)
+    ecc_uncorrected_total: int | None = None
+    remapped_rows_correctable: int | None = None
+    remapped_rows_uncorrectable: int | None = None
+    row_remap_pending: bool | None = None
+    row_remap_failed: bool | None = None
+    retired_pages_pending: bool | None = None
+    # Xid code -> events seen since the agent started (a counter, never a "last Xid" gauge).
+    xid_counts: dict[int, int] = field(default_factory=dict)
+    quarantined: bool = False
+    quarantine_reason: str | None = None
+
+
+@dataclass
+class CustomNodeState:
+    """A custom node as installed and as ComfyUI loaded it.
+
+    ``status``: ok, failed (install or import), skipped (on_conflict = skip-node), disabled."""
+
+    name: str
+    url: str
+    ref: str
+    required: bool
+    enabled: bool
+    commit: str | None = None
+    status: str = "ok"
+    error: str | None = None
+    import_checked: bool = False
+
+
+@dataclass
 class MachineState:
     phase: Phase = Phase.INITIALIZING
     boot_started_at: float = field(default_factory=time.time)
     error: str | None = None
     failed_step: str | None = None
     install_steps: list[StepState] = field(default_factory=list)
+    custom_nodes: dict[str, CustomNodeState] = field(default_factory=dict)
     instances: dict[int, InstanceState] = field(default_factory=dict)
     supervisor_expected: bool = False
     supervisor_up: bool = False
     max_queue_depth: int | None = None
     models_configured: bool = False
+    # Physical GPUs by NVML index (empty in CPU mode and until the GPU sampler lands).
+    gpus: dict[int, GpuStatus] = field(default_factory=dict)
     version: int = 0
     _changed: asyncio.Event | None = field(default=None, repr=False)
 

@@ -91,6 +91,10 @@ class Node:
             "COMFYUI_PORT_START": str(self.port_start),
             "PROBE_INTERVAL": "0.2",
             "INSTANCE_STARTSECS": "1",
+            # The stand-in needs only aiohttp and pyyaml, which the test environment has: run it
+            # on this interpreter (as an image's Python would be) instead of a fresh virtualenv.
+            "COMFYUI_PYTHON": sys.executable,
+            "INSTALL_MIN_FREE_GB": "0",
             **env,
         }
         self.log_path = workspace / "agent.log"

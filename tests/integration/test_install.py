@@ -9,7 +9,7 @@ import git
 import pytest
 
 from machine.errors import InstallError
-from services.install import ensure_checkout
+from services.install.git import ensure_checkout
 
 AUTHOR = git.Actor("test", "test@example.invalid")
 
@@ -58,16 +58,16 @@ def test_unreachable_repo_fails_after_retries(tmp_path: Path) -> None:
         ensure_checkout((tmp_path / "nope").as_uri(), "master", tmp_path / "ComfyUI", "ComfyUI")
 
 
-def test_modified_tracked_files_are_never_overwritten(
-    upstream: tuple[str, git.Repo], tmp_path: Path
-) -> None:
+def test_local_edits_are_stashed_not_lost(upstream: tuple[str, git.Repo], tmp_path: Path) -> None:
     url, _repo = upstream
     dest = tmp_path / "ComfyUI"
     ensure_checkout(url, "v1.0.0", dest, "ComfyUI")
     (dest / "main.py").write_text("print('local fix')\n")
-    with pytest.raises(InstallError, match=r"modified tracked files \(main.py\)"):
-        ensure_checkout(url, "master", dest, "ComfyUI")
-    assert (dest / "main.py").read_text() == "print('local fix')\n"
+    result = ensure_checkout(url, "master", dest, "ComfyUI")
+    assert result.stashed and result.action == "updated"
+    assert (dest / "main.py").read_text() == "print('v2')\n"
+    with git.Repo(dest) as checkout:
+        assert "local fix" in checkout.git.stash("show", "-p")
 
 
 def test_half_done_clone_is_not_taken_as_a_checkout(

@@ -34,8 +34,9 @@ def test_boot_all_ready_with_the_fields_workers_use(make_node: Callable[..., Nod
         )
     assert node.get("/livez")[0] == 200 and node.get("/readyz")[0] == 200
     code, install = node.get("/health/comfyui/installation")
-    assert code == 200 and install["steps"][0]["name"] == "comfyui"
-    assert install["steps"][0]["detail"].startswith("cloned ")
+    steps = {step["name"]: step for step in install["steps"]}
+    assert code == 200 and steps["checkout ComfyUI"]["detail"].startswith("cloned at ")
+    assert steps["requirements"]["status"] == "done"
     code, models = node.get("/health/comfyui/models")
     assert code == 200 and models["configured"] is False
     # Smoke images are removed from the user's shared output folder.
@@ -135,7 +136,8 @@ def test_warm_boot_skips_install_and_comes_back(make_node: Callable[..., Node]) 
     node.start()
     node.wait_ready()
     _, install = node.get("/health/comfyui/installation")
-    assert install["steps"][0]["status"] == "skipped"
+    assert {step["status"] for step in install["steps"]} == {"skipped"}
+    assert (node.workspace / "comfy-machine.lock").is_file()
 
 
 # A custom node that starts a helper process which ignores SIGINT, as some real node packs do

@@ -1,0 +1,414 @@
+"""The install phase: ComfyUI and custom nodes at pinned commits, one Python environment with
+one resolution, install.py per node, and a lock so a warm boot checks instead of redoing.
+
+Blocking (git, uv, subprocesses): the boot runs it in a worker thread and turns the step
+callbacks into MachineState updates."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.nodes import CustomNodeSpec
+from machine.errors import InstallError
+from machine.state import StepStatus
+from services.files import atomic_write_text
+from services.install import pyenv
+from services.install.git import CheckoutResult, checkout_intact, ensure_checkout, resolve_ref
+from services.install.lock import Lock, LockedNode, LockedRepo, digest, read_lock, write_lock
+from services.install.requirements import RequirementsFile, check_requirements
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[str, StepStatus, str, "str | None", "float | None"], None]
+LOCK_NAME = "comfy-machine.lock"
+DISABLED_DIR = ".disabled"  # ComfyUI skips custom_nodes entries ending in ".disabled"
+
+
+@dataclass(frozen=True)
+class InstallInputs:
+    """Everything the install depends on; its hash keys the lock."""
+
+    comfyui_url: str
+    comfyui_ref: str
+    install_path: Path
+    nodes: tuple[CustomNodeSpec, ...]
+    python: Path
+    venv: Path | None
+    base_python: str
+    protected: tuple[str, ...]
+    on_conflict: str
+    install_py_timeout: float
+    workers: int
+    workspace: Path
+    min_free_bytes: int
+
+    @property
+    def lock_path(self) -> Path:
+        return self.workspace / LOCK_NAME
+
+    @property
+    def custom_nodes_dir(self) -> Path:
+        return self.install_path / "custom_nodes"
+
+    def digest(self) -> str:
+        return digest({
+            "comfyui": [self.comfyui_url, self.comfyui_ref, str(self.install_path)],
+            "nodes": [[n.name, n.url, n.ref, n.enabled] for n in self.nodes],
+            "python": str(self.python), "protected": sorted(self.protected),
+            "on_conflict": self.on_conflict,
+        })
+
+
+@dataclass
+class NodeOutcome:
+    """What became of one custom node; ``status`` is ok, failed, skipped or disabled."""
+
+    name: str
+    url: str
+    ref: str
+    required: bool
+    enabled: bool
+    commit: str | None = None
+    status: str = "ok"
+    error: str | None = None
+
+
+@dataclass
+class InstallReport:
+    comfyui_commit: str
+    nodes: list[NodeOutcome] = field(default_factory=list)
+    warm: bool = False  # everything matched the lock: nothing was redone
+
+    @property
+    def failed_nodes(self) -> list[NodeOutcome]:
+        return [n for n in self.nodes if n.status == "failed"]
+
+
+class Installer:
+    """Runs the install phase once; report steps through ``on_step``."""
+
+    def __init__(self, inputs: InstallInputs, on_step: StepCallback) -> None:
+        self.inputs = inputs
+        self._on_step = on_step
+        self._outcomes = {
+            n.name: NodeOutcome(n.name, n.url, n.ref, n.required, n.enabled,
+                                status="ok" if n.enabled else "disabled")
+            for n in inputs.nodes
+        }
+
+    # -- step bookkeeping ---------------------------------------------------------------
+    def _step(self, name: str, fn: Callable[[], str]) -> str:
+        """Run ``fn`` as step ``name``: it returns its detail; 'skipped' details mark a skip."""
+        started = time.monotonic()
+        self._on_step(name, StepStatus.RUNNING, "", None, None)
+        try:
+            detail = fn()
+        except InstallError as exc:
+            self._on_step(name, StepStatus.FAILED, "", str(exc), time.monotonic() - started)
+            raise
+        status = StepStatus.SKIPPED if detail.startswith("skipped") else StepStatus.DONE
+        self._on_step(name, status, detail, None, time.monotonic() - started)
+        return detail
+
+    def _fail_node(self, name: str, error: str) -> None:
+        outcome = self._outcomes[name]
+        outcome.status, outcome.error = "failed", error
+        log.error("custom node failed", extra={"fields": {"node": name, "error": error}})
+
+    # -- the phase ------------------------------------------------------------------------
+    def run(self) -> InstallReport:
+        """Install or verify everything; raises InstallError when ComfyUI itself cannot run."""
+        inputs = self.inputs
+        lock = read_lock(inputs.lock_path)
+        if lock and lock.inputs_hash == inputs.digest() and self._warm_ok(lock):
+            return self._warm_report(lock)
+        self._check_disk()
+        comfyui, node_results = self._checkouts(lock)
+        self._disable_unwanted(lock)
+        self._step("python environment", self._python_env)
+        requirements_hash, installed = self._requirements(lock)
+        self._install_scripts(lock, node_results)
+        # The commit on disk, checked after everything that ran in the trees.
+        for name, result in node_results.items():
+            if self._outcomes[name].status == "ok" and not checkout_intact(
+                inputs.custom_nodes_dir / name, result.commit
+            ):
+                self._fail_node(name, f"custom_nodes/{name} is no longer at {result.commit} "
+                                      "after its install (its install.py changed it?)")
+        nodes = {
+            n.name: LockedNode(n.url, n.ref, n.commit or "", n.enabled,
+                               "failed" if n.status == "failed" else "ok",
+                               n.error if n.status == "skipped" else None)
+            for n in self._outcomes.values()
+        }
+        write_lock(inputs.lock_path, Lock(
+            inputs_hash=inputs.digest(),
+            comfyui=LockedRepo(inputs.comfyui_url, inputs.comfyui_ref, comfyui.commit),
+            nodes=nodes, python=str(inputs.python), requirements_hash=requirements_hash,
+            packages=installed,
+        ))
+        return InstallReport(comfyui.commit, list(self._outcomes.values()))
+
+    def _warm_ok(self, lock: Lock) -> bool:
+        """Every tree at its locked commit and clean, every node fine, the environment as locked."""
+        if any(n.install_py == "failed" for n in lock.nodes.values()):
+            return False
+        checks = [(self.inputs.install_path, lock.comfyui.commit)] + [
+            (self.inputs.custom_nodes_dir / name, node.commit)
+            for name, node in lock.nodes.items()
+            if node.enabled and node.skipped_reason is None
+        ]
+        with ThreadPoolExecutor(self.inputs.workers) as pool:
+            intact = list(pool.map(lambda c: checkout_intact(*c), checks))
+        if not all(intact):
+            return False
+        try:
+            return pyenv.freeze(self.inputs.python) == lock.packages
+        except InstallError:
+            return False
+
+    def _warm_report(self, lock: Lock) -> InstallReport:
+        count = sum(1 for n in lock.nodes.values() if n.enabled)
+        self._on_step("checkout ComfyUI", StepStatus.SKIPPED,
+                      f"skipped: at {lock.comfyui.commit} as locked", None, 0.0)
+        self._on_step("custom nodes", StepStatus.SKIPPED,
+                      f"skipped: {count} node(s) at their locked commits", None, 0.0)
+        self._on_step("python environment", StepStatus.SKIPPED,
+                      f"skipped: {len(lock.packages)} packages as locked", None, 0.0)
+        for name, node in lock.nodes.items():
+            outcome = self._outcomes[name]
+            outcome.commit = node.commit
+            if node.skipped_reason:
+                outcome.status, outcome.error = "skipped", node.skipped_reason
+        return InstallReport(lock.comfyui.commit, list(self._outcomes.values()), warm=True)
+
+    def _check_disk(self) -> None:
+        self.inputs.workspace.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.inputs.workspace).free
+        if free < self.inputs.min_free_bytes:
+            raise InstallError(
+                f"only {free / 2**30:.1f} GiB free in {self.inputs.workspace}, "
+                f"{self.inputs.min_free_bytes / 2**30:.1f} GiB needed (INSTALL_MIN_FREE_GB); "
+                "free some space or use a larger volume"
+            )
+
+    def _target(self, lock_repo: LockedRepo | None, url: str, ref: str, what: str) -> str:
+        # Same url and ref as locked: keep the locked commit (a branch does not move under us).
+        if lock_repo and lock_repo.url == url and lock_repo.ref == ref and lock_repo.commit:
+            return lock_repo.commit
+        return resolve_ref(url, ref, what)
+
+    def _checkouts(self, lock: Lock | None) -> tuple[CheckoutResult, dict[str, CheckoutResult]]:
+        """ComfyUI and every enabled node, in parallel; a node's failure is that node's."""
+        inputs = self.inputs
+
+        def comfyui() -> CheckoutResult:
+            target = self._target(lock.comfyui if lock else None, inputs.comfyui_url,
+                                  inputs.comfyui_ref, "ComfyUI")
+            holder: list[CheckoutResult] = []
+            self._step("checkout ComfyUI", lambda: _detail(holder, ensure_checkout(
+                inputs.comfyui_url, inputs.comfyui_ref, inputs.install_path, "ComfyUI", target)))
+            return holder[0]
+
+        def node(spec: CustomNodeSpec) -> CheckoutResult | None:
+            locked = lock.nodes.get(spec.name) if lock else None
+            holder: list[CheckoutResult] = []
+            try:
+                target = self._target(locked, spec.url, spec.ref, f"custom node {spec.name}")
+                self._step(f"checkout {spec.name}", lambda: _detail(holder, ensure_checkout(
+                    spec.url, spec.ref, inputs.custom_nodes_dir / spec.name,
+                    f"custom node {spec.name}", target)))
+            except InstallError as exc:
+                self._fail_node(spec.name, str(exc))
+                return None
+            self._outcomes[spec.name].commit = holder[0].commit
+            return holder[0]
+
+        # ComfyUI first: the nodes are cloned inside its tree.
+        main = comfyui()
+        enabled = [n for n in inputs.nodes if n.enabled]
+        with ThreadPoolExecutor(inputs.workers) as pool:
+            results = dict(zip([n.name for n in enabled], pool.map(node, enabled), strict=True))
+        return main, {k: v for k, v in results.items() if v is not None}
+
+    def _disable_unwanted(self, lock: Lock | None) -> None:
+        """Move nodes that are disabled, or no longer declared but were ours, out of ComfyUI's
+        sight (custom_nodes/.disabled/), so it does not import them."""
+        declared = {n.name: n for n in self.inputs.nodes}
+        ours = set(lock.nodes) if lock else set()
+        for name in sorted(ours | set(declared)):
+            spec = declared.get(name)
+            if spec is not None and spec.enabled:
+                continue
+            self._move_aside(name, "disabled" if spec else "no longer declared")
+
+    def _move_aside(self, name: str, why: str) -> None:
+        src = self.inputs.custom_nodes_dir / name
+        if not src.exists():
+            return
+        dest = self.inputs.custom_nodes_dir / DISABLED_DIR / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        src.rename(dest)
+        log.info("custom node moved aside", extra={"fields": {"node": name, "why": why}})
+
+    def _python_env(self) -> str:
+        inputs = self.inputs
+        if inputs.venv is None:
+            if not pyenv.python_works(inputs.python):
+                raise InstallError(f"COMFYUI_PYTHON={inputs.python} does not run; point it at "
+                                   "a working Python interpreter or unset it")
+            return f"skipped: using {inputs.python} as is"
+        made = pyenv.ensure_venv(inputs.venv, inputs.base_python)
+        return f"created {inputs.venv}" if made else f"skipped: {inputs.venv} present"
+
+    def _requirement_files(self) -> tuple[RequirementsFile | None, list[RequirementsFile]]:
+        comfyui_file = None
+        path = self.inputs.install_path / "requirements.txt"
+        if path.exists():
+            comfyui_file, problems = check_requirements("ComfyUI", path, path.read_text())
+            if problems:
+                raise InstallError("; ".join(str(p) for p in problems))
+        files = []
+        for name, outcome in self._outcomes.items():
+            path = self.inputs.custom_nodes_dir / name / "requirements.txt"
+            if outcome.status != "ok" or not path.exists():
+                continue
+            parsed, problems = check_requirements(name, path, path.read_text())
+            if problems:
+                self._fail_node(name, "; ".join(str(p) for p in problems))
+                continue
+            files.append(parsed)
+        return comfyui_file, files
+
+    def _requirements(self, lock: Lock | None) -> tuple[str, dict[str, str]]:
+        """One resolution of ComfyUI's and every node's requirements, torch family pinned."""
+        inputs = self.inputs
+        base, node_files = self._requirement_files()
+        installed = pyenv.freeze(inputs.python)
+        pins = pyenv.constraints(installed, list(inputs.protected))
+        constraints_file = inputs.workspace / "run" / "constraints.txt"
+        atomic_write_text(constraints_file, "".join(f"{p}\n" for p in pins))
+        files = ([base] if base else []) + node_files
+        req_hash = digest([[f.owner, f.path.read_text()] for f in files] + pins)
+        if lock and lock.requirements_hash == req_hash and installed == lock.packages:
+            self._on_step("requirements", StepStatus.SKIPPED,
+                          f"skipped: {len(files)} file(s) unchanged, environment as locked",
+                          None, 0.0)
+            return req_hash, installed
+
+        def run() -> str:
+            result = pyenv.install(inputs.python, [f.path for f in files], constraints_file)
+            if result.ok:
+                return f"{len(files)} file(s) in one resolution; pinned: {', '.join(pins) or '-'}"
+            if not result.unsatisfiable:
+                raise InstallError(f"requirements: uv pip install failed: {result.cause}")
+            accepted = self._settle_conflicts(base, node_files, constraints_file)
+            result = pyenv.install(inputs.python, [f.path for f in accepted], constraints_file)
+            if not result.ok:
+                raise InstallError(f"requirements: uv pip install failed: {result.cause}")
+            skipped = [n for n in self._outcomes.values() if n.status == "skipped"]
+            return (f"{len(accepted)} file(s) in one resolution; skipped for conflicts: "
+                    f"{', '.join(n.name for n in skipped)}")
+
+        self._step("requirements", run)
+        installed = pyenv.freeze(inputs.python)
+        files = ([base] if base else []) + [
+            f for f in node_files if self._outcomes[f.owner].status == "ok"]
+        return digest([[f.owner, f.path.read_text()] for f in files] + pins), installed
+
+    def _settle_conflicts(self, base: RequirementsFile | None, node_files: list[RequirementsFile],
+                          constraints_file: Path) -> list[RequirementsFile]:
+        """Find which nodes conflict (with ComfyUI, the pins, or an earlier node) and apply
+        on_conflict: fail names them all; skip-node disables them and keeps the rest."""
+        python = self.inputs.python
+        base_paths = [base.path] if base else []
+        if base and not pyenv.resolves(python, base_paths, constraints_file).ok:
+            cause = pyenv.resolves(python, base_paths, constraints_file).cause
+            raise InstallError(f"requirements: ComfyUI's own requirements do not resolve under "
+                               f"the pins: {cause}")
+        accepted: list[RequirementsFile] = []
+        conflicts: list[str] = []
+        for node in node_files:
+            together = base_paths + [f.path for f in accepted] + [node.path]
+            if pyenv.resolves(python, together, constraints_file).ok:
+                accepted.append(node)
+                continue
+            alone = pyenv.resolves(python, [*base_paths, node.path], constraints_file)
+            if not alone.ok:
+                other, cause = "ComfyUI's requirements or the protected packages", alone.cause
+            else:
+                other, cause = "an earlier node", ""
+                for earlier in accepted:
+                    pair = pyenv.resolves(python, [*base_paths, earlier.path, node.path],
+                                          constraints_file)
+                    if not pair.ok:
+                        other, cause = f"custom node {earlier.owner}", pair.cause
+                        shared = sorted(node.names & earlier.names)
+                        if shared:
+                            other += f" (both name {', '.join(shared)})"
+                        break
+            message = f"custom node {node.owner} conflicts with {other}: {cause}"
+            conflicts.append(message)
+            if self.inputs.on_conflict == "skip-node":
+                outcome = self._outcomes[node.owner]
+                outcome.status, outcome.error = "skipped", message
+                self._move_aside(node.owner, "requirements conflict")
+        if conflicts and self.inputs.on_conflict == "fail":
+            raise InstallError("requirements conflict (on_conflict = \"fail\"; set "
+                               "\"skip-node\" to install the rest): " + " | ".join(conflicts))
+        return ([base] if base else []) + accepted
+
+    def _install_scripts(self, lock: Lock | None, results: dict[str, CheckoutResult]) -> None:
+        """Each node's install.py, after the requirements, if its commit is new or it failed."""
+        for name, result in results.items():
+            outcome = self._outcomes[name]
+            script = self.inputs.custom_nodes_dir / name / "install.py"
+            locked = lock.nodes.get(name) if lock else None
+            if outcome.status != "ok" or not script.exists():
+                continue
+            if locked and locked.commit == result.commit and locked.install_py == "ok":
+                continue
+            try:
+                self._step(f"install.py {name}", lambda n=name, s=script: self._run_script(n, s))
+            except InstallError as exc:
+                self._fail_node(name, str(exc))
+
+    def _run_script(self, name: str, script: Path) -> str:
+        log_path = self.inputs.workspace / "logs" / "install" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        timeout = self.inputs.install_py_timeout
+        with log_path.open("wb") as out:
+            try:
+                proc = subprocess.run([str(self.inputs.python), script.name], cwd=script.parent,
+                                      stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+                                      stdin=subprocess.DEVNULL, check=False)
+            except subprocess.TimeoutExpired:
+                raise InstallError(f"custom node {name}: install.py did not finish in "
+                                   f"{timeout:.0f}s (INSTALL_PY_TIMEOUT); see {log_path}") from None
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise InstallError(f"custom node {name}: install.py exited {proc.returncode}: "
+                               f"{' | '.join(tail)} (log: {log_path})")
+        return f"ok (log {log_path})"
+
+
+def _detail(holder: list[CheckoutResult], result: CheckoutResult) -> str:
+    holder.append(result)
+    note = " (local edits stashed)" if result.stashed else ""
+    if result.action == "skipped":
+        return f"skipped: at {result.commit}"
+    return f"{result.action} at {result.commit}{note}"
+
+
+def default_base_python() -> str:
+    """The interpreter a managed virtualenv is built from: the agent's own version."""
+    return sys.executable
