@@ -165,6 +165,24 @@ def _boot_reasons(state: MachineState) -> list[str]:
     return [f"the node is booting, phase {state.phase.value}{step}; wait with ?wait=SECONDS"]
 
 
+FAILED_NODE_STATES = ("failed", "skipped")
+
+
+def custom_node_reasons(state: MachineState) -> tuple[list[str], list[str]]:
+    """(reasons from required nodes, reasons from optional ones) that failed or were skipped."""
+    required, optional = [], []
+    for node in state.custom_nodes.values():
+        if node.status not in FAILED_NODE_STATES:
+            continue
+        what = "was skipped" if node.status == "skipped" else "failed"
+        reason = f"custom node {node.name} {what}: {node.error}"
+        if node.required:
+            required.append(reason + "; it is required, so the node cannot serve")
+        else:
+            optional.append(reason)
+    return required, optional
+
+
 def _body(status: str, phase: Phase | str, reasons: list[str], **extra: Any) -> dict[str, Any]:
     return {"status": status, "phase": str(phase), "reasons": reasons, **extra}
 
@@ -203,9 +221,12 @@ def node_report(state: MachineState, now: float) -> Report:
         return 200, _body(
             "ready", Phase.READY, ["ComfyUI is disabled (ENABLE_COMFYUI=false)"], **summary
         )
-    reasons = [r for i in instances for r in i["reasons"]]
+    required_failed, optional_failed = custom_node_reasons(state)
+    reasons = required_failed + optional_failed + [r for i in instances for r in i["reasons"]]
     ready = summary["ready_instances"]
-    if ready == len(instances):
+    if required_failed:
+        return 503, _body("failed", Phase.FAILED, reasons, **summary)
+    if ready == len(instances) and not optional_failed:
         return 200, _body("ready", Phase.READY, reasons, **summary)
     if ready:
         return 200, _body("degraded", Phase.DEGRADED, reasons, **summary)
@@ -231,7 +252,8 @@ def instance_report(state: MachineState, gpu: int, now: float) -> Report | None:
 
 
 def installation_report(state: MachineState) -> Report:
-    """/health/comfyui/installation: 200 once every install step is done or skipped."""
+    """/health/comfyui/installation: 200 once every install step is done or skipped (degraded
+    when an optional custom node failed), 503 while installing or when ComfyUI cannot run."""
     steps = [
         {
             "name": s.name,
@@ -243,17 +265,43 @@ def installation_report(state: MachineState) -> Report:
         }
         for s in state.install_steps
     ]
-    failed = [s for s in state.install_steps if s.status is StepStatus.FAILED]
-    if failed:
-        reasons = [f"install step {s.name} failed: {s.error}" for s in failed]
-        return 503, _body("failed", state.phase, reasons, steps=steps)
+    nodes = [
+        {
+            "name": n.name,
+            "url": n.url,
+            "ref": n.ref,
+            "commit": n.commit,
+            "required": n.required,
+            "enabled": n.enabled,
+            "status": n.status,
+            "error": n.error,
+            "import_checked": n.import_checked,
+        }
+        for n in state.custom_nodes.values()
+    ]
+    required_failed, optional_failed = custom_node_reasons(state)
+    node_steps = {f"checkout {n}" for n in state.custom_nodes} | {
+        f"install.py {n}" for n in state.custom_nodes
+    }
+    # A node's own failed step is reported through the node; other failed steps fail the boot.
+    failed = [
+        s for s in state.install_steps if s.status is StepStatus.FAILED and s.name not in node_steps
+    ]
+    reasons = [f"install step {s.name} failed: {s.error}" for s in failed]
+    extra = {"steps": steps, "custom_nodes": nodes}
+    if failed or required_failed:
+        return 503, _body(
+            "failed", state.phase, reasons + required_failed + optional_failed, **extra
+        )
     pending = [
         s for s in state.install_steps if s.status in (StepStatus.PENDING, StepStatus.RUNNING)
     ]
     if state.phase in (Phase.INITIALIZING, Phase.INSTALLING) or pending:
         names = ", ".join(s.name for s in pending) or "not started"
-        return 503, _body("starting", state.phase, [f"installing: {names}"], steps=steps)
-    return 200, _body("ready", state.phase, [], steps=steps)
+        return 503, _body("starting", state.phase, [f"installing: {names}"], **extra)
+    if optional_failed:
+        return 200, _body("degraded", state.phase, optional_failed, **extra)
+    return 200, _body("ready", state.phase, [], **extra)
 
 
 def models_report(state: MachineState) -> Report:

@@ -1,4 +1,4 @@
-"""The comfy-machine command line: up, demo, plan, status, wait-ready."""
+"""The comfy-machine command line: up, demo, plan, status, logs, wait-ready."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -132,23 +133,144 @@ def _health_base(args: argparse.Namespace) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """A table on a terminal; JSON (the /health/comfyui body) with --json or off a terminal."""
     from machine.health_client import get_health
 
-    code, body = asyncio.run(get_health(_health_base(args), "/health/comfyui"))
-    if args.json:
+    base = _health_base(args)
+    code, body = asyncio.run(get_health(base, "/health/comfyui"))
+    if args.json or not sys.stdout.isatty():
         print(json.dumps(body, indent=2))
     else:
-        print(f"node: {body.get('status')} (phase {body.get('phase')}, HTTP {code})")
-        for inst in body.get("instances", []):
-            queue = f"queue {inst.get('queue_running')}/{inst.get('queue_pending')}"
-            print(
-                f"gpu {inst['gpu']}  {inst['name']:<14} {inst['state']:<9} "
-                f"{'ready' if inst['ready'] else 'not ready':<9} port {inst['port']}  "
-                f"pid {inst['pid']}  restarts {inst['restarts']}  {queue}"
-            )
-            for reason in inst.get("reasons", []):
-                print(f"      {reason}")
+        gpus = asyncio.run(_gpu_facts(base))
+        print(status_table(code, body, gpus, shutil.get_terminal_size().columns))
     return 0 if code == 200 else 1
+
+
+async def _gpu_facts(base_url: str) -> dict[str, tuple[float | None, float | None]]:
+    """GPU UUID -> (temperature in °C, framebuffer used bytes) from the node's /metrics.
+
+    The health JSON does not carry NVML samples; /metrics does. Empty when unreachable."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        timeout = aiohttp.ClientTimeout(total=5.0)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(base_url.rstrip("/") + "/metrics") as resp,
+        ):
+            text = await resp.text()
+        families = list(text_string_to_metric_families(text))
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return {}
+    facts: dict[str, list[float | None]] = {}
+    wanted = {
+        "comfy_machine_gpu_temperature_celsius": 0,
+        "comfy_machine_gpu_framebuffer_used_bytes": 1,
+    }
+    for family in families:
+        for sample in family.samples:
+            if sample.name in wanted and "UUID" in sample.labels:
+                facts.setdefault(sample.labels["UUID"], [None, None])[wanted[sample.name]] = (
+                    sample.value
+                )
+    return {uuid: (temp, used) for uuid, (temp, used) in facts.items()}
+
+
+# QUEUE is running/pending; TEMP and MEM come from /metrics (NVML), "-" without a sample.
+STATUS_COLUMNS = (
+    *("GPU", "NAME", "STATE", "READY", "PORT", "PID", "RESTARTS"),
+    *("QUEUE", "TEMP", "MEM", "REASON"),
+)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def status_table(
+    code: int,
+    body: dict[str, Any],
+    gpus: dict[str, tuple[float | None, float | None]],
+    width: int,
+) -> str:
+    """The node's health as a table: one row per instance, its first reason cut to ``width``."""
+    instances = body.get("instances", [])
+    ready = sum(1 for i in instances if i.get("ready"))
+    lines = [
+        f"node: {body.get('status')} (phase {body.get('phase')}, HTTP {code}), "
+        f"{ready}/{len(instances)} instances ready"
+    ]
+    per_instance = {r for i in instances for r in i.get("reasons", [])}
+    lines += [f"  {r}" for r in body.get("reasons", []) if r not in per_instance]
+    header = list(STATUS_COLUMNS)
+    rows = []
+    for inst in instances:
+        temp, used = gpus.get(inst.get("gpu_uuid") or "", (None, None))
+        reasons = inst.get("reasons", [])
+        reason = reasons[0] if reasons else ""
+        if len(reasons) > 1:
+            reason += f" (+{len(reasons) - 1} more)"
+        rows.append(
+            [
+                _cell(inst.get("gpu")),
+                _cell(inst.get("name")),
+                _cell(inst.get("state")),
+                "yes" if inst.get("ready") else "no",
+                _cell(inst.get("port")),
+                _cell(inst.get("pid")),
+                _cell(inst.get("restarts")),
+                f"{_cell(inst.get('queue_running'))}/{_cell(inst.get('queue_pending'))}",
+                "-" if temp is None else f"{temp:.0f}C",
+                "-" if used is None else f"{used / 2**30:.1f}GiB",
+                reason,
+            ]
+        )
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
+    room = max(width - sum(w + 2 for w in widths), 20)
+    for row in [header, *rows]:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+        reason = row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "…"
+        lines.append(("  ".join([*cells, reason])).rstrip())
+    return "\n".join(lines)
+
+
+FOLLOW_POLL_S = 0.5
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print an instance's last log lines; with -f keep printing what is appended."""
+    try:
+        return asyncio.run(_logs(_health_base(args), args.gpu, args.tail, args.follow))
+    except KeyboardInterrupt:  # Ctrl-C ends a follow: not an error
+        return 0
+
+
+async def _logs(base_url: str, gpu: int, tail: int, follow: bool) -> int:
+    # Follow polls the health server rather than reading the file: it works wherever status
+    # does (another container, a port-forward), needs no access to the workspace, and the
+    # server keeps the rotation handling (offset + inode) in one place.
+    from machine.health_client import get_health
+
+    path = f"/health/comfyui/instances/{gpu}/log"
+    code, body = await get_health(base_url, f"{path}?tail={tail}")
+    while True:
+        if code != 200:
+            print(f"comfy-machine: {body.get('error', body)}", file=sys.stderr)
+            return 1
+        for line in body["lines"]:
+            print(line)
+        sys.stdout.flush()
+        if not follow:
+            if not body["exists"]:
+                print(f"(no log yet at {body['log_path']})", file=sys.stderr)
+            return 0
+        if not body["truncated"]:  # truncated: more is waiting, ask again at once
+            await asyncio.sleep(FOLLOW_POLL_S)
+        query = f"after={body['offset']}"
+        if body["inode"] is not None:
+            query += f"&inode={body['inode']}"
+        code, body = await get_health(base_url, f"{path}?{query}")
 
 
 def cmd_wait_ready(args: argparse.Namespace) -> int:
@@ -185,8 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="validate settings, print the plan; start nothing")
     plan.add_argument("--json", action="store_true")
     status = sub.add_parser("status", help="ask a running node's health server")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="JSON even on a terminal")
     status.add_argument("--url", help="health server base URL (default from settings)")
+    logs = sub.add_parser("logs", help="print (and with -f follow) an instance's log")
+    logs.add_argument("--gpu", type=int, required=True, help="the instance's GPU index")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("--tail", type=int, default=100, help="lines to show first (1-1000)")
+    logs.add_argument("--url", help="health server base URL (default from settings)")
     wait = sub.add_parser("wait-ready", help="block until the node or one GPU is ready")
     wait.add_argument("--gpu", type=int, help="wait for this GPU's instance only")
     wait.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
@@ -199,6 +326,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     "plan": cmd_plan,
     "status": cmd_status,
+    "logs": cmd_logs,
     "wait-ready": cmd_wait_ready,
 }
 

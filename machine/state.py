@@ -149,6 +149,7 @@ class CustomNodeState:
     status: str = "ok"
     error: str | None = None
     import_checked: bool = False
+    import_failed: bool = False  # the failure is ComfyUI's import, which a restart re-checks
 
 
 @dataclass

@@ -39,6 +39,9 @@ class ComfyClient:
     async def system_stats(self) -> dict[str, Any]:
         return await self._get_json("/system_stats")
 
+    async def object_info(self) -> dict[str, Any]:
+        return await self._get_json("/object_info")
+
     async def queue(self) -> QueueDepth:
         body = await self._get_json("/queue")
         return QueueDepth(running=len(body["queue_running"]), pending=len(body["queue_pending"]))

@@ -15,6 +15,7 @@ import aiohttp
 
 from machine.state import InstanceState, MachineState, ProbeResult, SmokeResult, SmokeStatus
 from services.comfyui import PNG_SIGNATURE, ComfyApiError, ComfyClient, history_error
+from services.import_check import modules_loaded, parse_startup_log, read_log_tail
 from services.supervisor.states import ProcessState
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class InstanceProber:
     async def _follow(self, pid: int) -> None:
         await self._wait_for_http(pid)
         await self._smoke(pid)
+        await self._check_imports(pid)
         while True:
             await self._sleep_while_alive(pid, self._settings.interval)
             await self._probe(pid)
@@ -177,6 +179,45 @@ class InstanceProber:
         if image["type"] == "output":
             with contextlib.suppress(OSError):
                 (self._output_dir / image["subfolder"] / image["filename"]).unlink()
+
+    async def _check_imports(self, pid: int) -> None:
+        """Which custom nodes this process loaded: its start-up log names each failure (the
+        HTTP API does not), /object_info shows what a loaded node registered."""
+        nodes = [
+            n
+            for n in self._state.custom_nodes.values()
+            if n.enabled and (n.status == "ok" or n.import_failed)
+        ]
+        if not nodes:
+            return
+        text = await asyncio.to_thread(read_log_tail, self._inst.plan.log_path)
+        result = parse_startup_log(text)
+        try:
+            loaded = modules_loaded(await self._client.object_info())
+        except (aiohttp.ClientError, TimeoutError, ComfyApiError, ValueError) as exc:
+            log.warning("object_info unavailable", extra={"fields": {"error": str(exc)}})
+            loaded = set()
+        self._check(pid)
+        for node in nodes:
+            error = result.failures.get(node.name)
+            if error is None and not result.complete and node.name not in loaded:
+                continue  # neither source can tell (log rotated away, nothing registered)
+            node.import_checked = True
+            node.import_failed = error is not None
+            node.status = "failed" if error is not None else "ok"
+            node.error = f"import failed: {error}" if error is not None else None
+            if error is not None:
+                log.error(
+                    "custom node import failed",
+                    extra={
+                        "fields": {
+                            "node": node.name,
+                            "instance": self._inst.plan.name,
+                            "error": error,
+                        }
+                    },
+                )
+        self._state.changed()
 
     def _finish_smoke(self, started: float, error: str | None) -> None:
         smoke = self._inst.smoke

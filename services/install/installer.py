@@ -24,6 +24,7 @@ from services.install import pyenv
 from services.install.git import CheckoutResult, checkout_intact, ensure_checkout, resolve_ref
 from services.install.lock import Lock, LockedNode, LockedRepo, digest, read_lock, write_lock
 from services.install.requirements import RequirementsFile, check_requirements
+from services.supervisor.launch import dies_with_us
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,15 @@ class InstallInputs:
         return self.install_path / "custom_nodes"
 
     def digest(self) -> str:
-        return digest({
-            "comfyui": [self.comfyui_url, self.comfyui_ref, str(self.install_path)],
-            "nodes": [[n.name, n.url, n.ref, n.enabled] for n in self.nodes],
-            "python": str(self.python), "protected": sorted(self.protected),
-            "on_conflict": self.on_conflict,
-        })
+        return digest(
+            {
+                "comfyui": [self.comfyui_url, self.comfyui_ref, str(self.install_path)],
+                "nodes": [[n.name, n.url, n.ref, n.enabled] for n in self.nodes],
+                "python": str(self.python),
+                "protected": sorted(self.protected),
+                "on_conflict": self.on_conflict,
+            }
+        )
 
 
 @dataclass
@@ -99,8 +103,14 @@ class Installer:
         self.inputs = inputs
         self._on_step = on_step
         self._outcomes = {
-            n.name: NodeOutcome(n.name, n.url, n.ref, n.required, n.enabled,
-                                status="ok" if n.enabled else "disabled")
+            n.name: NodeOutcome(
+                n.name,
+                n.url,
+                n.ref,
+                n.required,
+                n.enabled,
+                status="ok" if n.enabled else "disabled",
+            )
             for n in inputs.nodes
         }
 
@@ -141,20 +151,33 @@ class Installer:
             if self._outcomes[name].status == "ok" and not checkout_intact(
                 inputs.custom_nodes_dir / name, result.commit
             ):
-                self._fail_node(name, f"custom_nodes/{name} is no longer at {result.commit} "
-                                      "after its install (its install.py changed it?)")
+                self._fail_node(
+                    name,
+                    f"custom_nodes/{name} is no longer at {result.commit} "
+                    "after its install (its install.py changed it?)",
+                )
         nodes = {
-            n.name: LockedNode(n.url, n.ref, n.commit or "", n.enabled,
-                               "failed" if n.status == "failed" else "ok",
-                               n.error if n.status == "skipped" else None)
+            n.name: LockedNode(
+                n.url,
+                n.ref,
+                n.commit or "",
+                n.enabled,
+                "failed" if n.status == "failed" else "ok",
+                n.error if n.status == "skipped" else None,
+            )
             for n in self._outcomes.values()
         }
-        write_lock(inputs.lock_path, Lock(
-            inputs_hash=inputs.digest(),
-            comfyui=LockedRepo(inputs.comfyui_url, inputs.comfyui_ref, comfyui.commit),
-            nodes=nodes, python=str(inputs.python), requirements_hash=requirements_hash,
-            packages=installed,
-        ))
+        write_lock(
+            inputs.lock_path,
+            Lock(
+                inputs_hash=inputs.digest(),
+                comfyui=LockedRepo(inputs.comfyui_url, inputs.comfyui_ref, comfyui.commit),
+                nodes=nodes,
+                python=str(inputs.python),
+                requirements_hash=requirements_hash,
+                packages=installed,
+            ),
+        )
         return InstallReport(comfyui.commit, list(self._outcomes.values()))
 
     def _warm_ok(self, lock: Lock) -> bool:
@@ -177,12 +200,27 @@ class Installer:
 
     def _warm_report(self, lock: Lock) -> InstallReport:
         count = sum(1 for n in lock.nodes.values() if n.enabled)
-        self._on_step("checkout ComfyUI", StepStatus.SKIPPED,
-                      f"skipped: at {lock.comfyui.commit} as locked", None, 0.0)
-        self._on_step("custom nodes", StepStatus.SKIPPED,
-                      f"skipped: {count} node(s) at their locked commits", None, 0.0)
-        self._on_step("python environment", StepStatus.SKIPPED,
-                      f"skipped: {len(lock.packages)} packages as locked", None, 0.0)
+        self._on_step(
+            "checkout ComfyUI",
+            StepStatus.SKIPPED,
+            f"skipped: at {lock.comfyui.commit} as locked",
+            None,
+            0.0,
+        )
+        self._on_step(
+            "custom nodes",
+            StepStatus.SKIPPED,
+            f"skipped: {count} node(s) at their locked commits",
+            None,
+            0.0,
+        )
+        self._on_step(
+            "python environment",
+            StepStatus.SKIPPED,
+            f"skipped: {len(lock.packages)} packages as locked",
+            None,
+            0.0,
+        )
         for name, node in lock.nodes.items():
             outcome = self._outcomes[name]
             outcome.commit = node.commit
@@ -211,11 +249,23 @@ class Installer:
         inputs = self.inputs
 
         def comfyui() -> CheckoutResult:
-            target = self._target(lock.comfyui if lock else None, inputs.comfyui_url,
-                                  inputs.comfyui_ref, "ComfyUI")
+            target = self._target(
+                lock.comfyui if lock else None, inputs.comfyui_url, inputs.comfyui_ref, "ComfyUI"
+            )
             holder: list[CheckoutResult] = []
-            self._step("checkout ComfyUI", lambda: _detail(holder, ensure_checkout(
-                inputs.comfyui_url, inputs.comfyui_ref, inputs.install_path, "ComfyUI", target)))
+            self._step(
+                "checkout ComfyUI",
+                lambda: _detail(
+                    holder,
+                    ensure_checkout(
+                        inputs.comfyui_url,
+                        inputs.comfyui_ref,
+                        inputs.install_path,
+                        "ComfyUI",
+                        target,
+                    ),
+                ),
+            )
             return holder[0]
 
         def node(spec: CustomNodeSpec) -> CheckoutResult | None:
@@ -223,9 +273,19 @@ class Installer:
             holder: list[CheckoutResult] = []
             try:
                 target = self._target(locked, spec.url, spec.ref, f"custom node {spec.name}")
-                self._step(f"checkout {spec.name}", lambda: _detail(holder, ensure_checkout(
-                    spec.url, spec.ref, inputs.custom_nodes_dir / spec.name,
-                    f"custom node {spec.name}", target)))
+                self._step(
+                    f"checkout {spec.name}",
+                    lambda: _detail(
+                        holder,
+                        ensure_checkout(
+                            spec.url,
+                            spec.ref,
+                            inputs.custom_nodes_dir / spec.name,
+                            f"custom node {spec.name}",
+                            target,
+                        ),
+                    ),
+                )
             except InstallError as exc:
                 self._fail_node(spec.name, str(exc))
                 return None
@@ -264,8 +324,10 @@ class Installer:
         inputs = self.inputs
         if inputs.venv is None:
             if not pyenv.python_works(inputs.python):
-                raise InstallError(f"COMFYUI_PYTHON={inputs.python} does not run; point it at "
-                                   "a working Python interpreter or unset it")
+                raise InstallError(
+                    f"COMFYUI_PYTHON={inputs.python} does not run; point it at "
+                    "a working Python interpreter or unset it"
+                )
             return f"skipped: using {inputs.python} as is"
         made = pyenv.ensure_venv(inputs.venv, inputs.base_python)
         return f"created {inputs.venv}" if made else f"skipped: {inputs.venv} present"
@@ -300,9 +362,13 @@ class Installer:
         files = ([base] if base else []) + node_files
         req_hash = digest([[f.owner, f.path.read_text()] for f in files] + pins)
         if lock and lock.requirements_hash == req_hash and installed == lock.packages:
-            self._on_step("requirements", StepStatus.SKIPPED,
-                          f"skipped: {len(files)} file(s) unchanged, environment as locked",
-                          None, 0.0)
+            self._on_step(
+                "requirements",
+                StepStatus.SKIPPED,
+                f"skipped: {len(files)} file(s) unchanged, environment as locked",
+                None,
+                0.0,
+            )
             return req_hash, installed
 
         def run() -> str:
@@ -316,25 +382,36 @@ class Installer:
             if not result.ok:
                 raise InstallError(f"requirements: uv pip install failed: {result.cause}")
             skipped = [n for n in self._outcomes.values() if n.status == "skipped"]
-            return (f"{len(accepted)} file(s) in one resolution; skipped for conflicts: "
-                    f"{', '.join(n.name for n in skipped)}")
+            return (
+                f"{len(accepted)} file(s) in one resolution; skipped for conflicts: "
+                f"{', '.join(n.name for n in skipped)}"
+            )
 
         self._step("requirements", run)
         installed = pyenv.freeze(inputs.python)
+        # Keyed by the pins as they are after the install (torch may have arrived just now),
+        # which is what the next boot computes from an unchanged environment.
+        pins = pyenv.constraints(installed, list(inputs.protected))
         files = ([base] if base else []) + [
-            f for f in node_files if self._outcomes[f.owner].status == "ok"]
+            f for f in node_files if self._outcomes[f.owner].status == "ok"
+        ]
         return digest([[f.owner, f.path.read_text()] for f in files] + pins), installed
 
-    def _settle_conflicts(self, base: RequirementsFile | None, node_files: list[RequirementsFile],
-                          constraints_file: Path) -> list[RequirementsFile]:
+    def _settle_conflicts(
+        self,
+        base: RequirementsFile | None,
+        node_files: list[RequirementsFile],
+        constraints_file: Path,
+    ) -> list[RequirementsFile]:
         """Find which nodes conflict (with ComfyUI, the pins, or an earlier node) and apply
         on_conflict: fail names them all; skip-node disables them and keeps the rest."""
         python = self.inputs.python
         base_paths = [base.path] if base else []
         if base and not pyenv.resolves(python, base_paths, constraints_file).ok:
             cause = pyenv.resolves(python, base_paths, constraints_file).cause
-            raise InstallError(f"requirements: ComfyUI's own requirements do not resolve under "
-                               f"the pins: {cause}")
+            raise InstallError(
+                f"requirements: ComfyUI's own requirements do not resolve under the pins: {cause}"
+            )
         accepted: list[RequirementsFile] = []
         conflicts: list[str] = []
         for node in node_files:
@@ -348,8 +425,9 @@ class Installer:
             else:
                 other, cause = "an earlier node", ""
                 for earlier in accepted:
-                    pair = pyenv.resolves(python, [*base_paths, earlier.path, node.path],
-                                          constraints_file)
+                    pair = pyenv.resolves(
+                        python, [*base_paths, earlier.path, node.path], constraints_file
+                    )
                     if not pair.ok:
                         other, cause = f"custom node {earlier.owner}", pair.cause
                         shared = sorted(node.names & earlier.names)
@@ -363,8 +441,10 @@ class Installer:
                 outcome.status, outcome.error = "skipped", message
                 self._move_aside(node.owner, "requirements conflict")
         if conflicts and self.inputs.on_conflict == "fail":
-            raise InstallError("requirements conflict (on_conflict = \"fail\"; set "
-                               "\"skip-node\" to install the rest): " + " | ".join(conflicts))
+            raise InstallError(
+                'requirements conflict (on_conflict = "fail"; set '
+                '"skip-node" to install the rest): ' + " | ".join(conflicts)
+            )
         return ([base] if base else []) + accepted
 
     def _install_scripts(self, lock: Lock | None, results: dict[str, CheckoutResult]) -> None:
@@ -388,16 +468,27 @@ class Installer:
         timeout = self.inputs.install_py_timeout
         with log_path.open("wb") as out:
             try:
-                proc = subprocess.run([str(self.inputs.python), script.name], cwd=script.parent,
-                                      stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
-                                      stdin=subprocess.DEVNULL, check=False)
+                # Dies with the agent: a SIGKILLed boot leaves no install.py running.
+                proc = subprocess.run(
+                    dies_with_us([str(self.inputs.python), script.name]),
+                    cwd=script.parent,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    stdin=subprocess.DEVNULL,
+                    check=False,
+                )
             except subprocess.TimeoutExpired:
-                raise InstallError(f"custom node {name}: install.py did not finish in "
-                                   f"{timeout:.0f}s (INSTALL_PY_TIMEOUT); see {log_path}") from None
+                raise InstallError(
+                    f"custom node {name}: install.py did not finish in "
+                    f"{timeout:.0f}s (INSTALL_PY_TIMEOUT); see {log_path}"
+                ) from None
         if proc.returncode != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise InstallError(f"custom node {name}: install.py exited {proc.returncode}: "
-                               f"{' | '.join(tail)} (log: {log_path})")
+            raise InstallError(
+                f"custom node {name}: install.py exited {proc.returncode}: "
+                f"{' | '.join(tail)} (log: {log_path})"
+            )
         return f"ok (log {log_path})"
 
 

@@ -14,6 +14,7 @@ import uv
 
 from machine.errors import InstallError
 from services.install.requirements import normalize
+from services.supervisor.launch import dies_with_us
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,14 @@ class UvResult:
     def cause(self) -> str:
         """uv's explanation of a failed resolution, on one line."""
         lines = [ln.strip() for ln in self.output.splitlines() if ln.strip()]
-        start = next((i for i, ln in enumerate(lines) if "No solution found" in ln
-                      or ln.startswith("error:")), 0)
+        start = next(
+            (
+                i
+                for i, ln in enumerate(lines)
+                if "No solution found" in ln or ln.startswith("error:")
+            ),
+            0,
+        )
         text = " ".join(lines[start:])
         return re.sub(r"\s+", " ", text)[:2000]
 
@@ -40,8 +47,14 @@ class UvResult:
 
 
 def _uv(*args: str, timeout: float = 1800) -> UvResult:
-    proc = subprocess.run([uv.find_uv_bin(), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        # Dies with the agent: a SIGKILLed boot leaves no uv running.
+        dies_with_us([uv.find_uv_bin(), *args]),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     return UvResult(proc.returncode == 0, proc.stdout + proc.stderr)
 
 
@@ -50,8 +63,10 @@ def python_works(python: Path) -> bool:
     if not python.exists():
         return False
     try:
-        return subprocess.run([str(python), "-c", "pass"], timeout=30,
-                              capture_output=True).returncode == 0
+        return (
+            subprocess.run([str(python), "-c", "pass"], timeout=30, capture_output=True).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -73,8 +88,9 @@ def ensure_venv(venv: Path, base_python: str) -> bool:
     partial.rename(venv)
     for script in (venv / "bin").glob("activate*"):
         script.write_text(script.read_text().replace(str(partial), str(venv)))
-    (venv / "pyvenv.cfg").write_text((venv / "pyvenv.cfg").read_text().replace(str(partial),
-                                                                              str(venv)))
+    (venv / "pyvenv.cfg").write_text(
+        (venv / "pyvenv.cfg").read_text().replace(str(partial), str(venv))
+    )
     return True
 
 
@@ -116,6 +132,16 @@ def resolves(python: Path, requirement_files: list[Path], constraints_file: Path
     """Would these files resolve together (nothing installed)?"""
     if not requirement_files:
         return UvResult(True, "")
-    args = ["pip", "compile", "--quiet", "--python", str(python), "-c", str(constraints_file),
-            "--no-header", "-o", "/dev/null"]
+    args = [
+        "pip",
+        "compile",
+        "--quiet",
+        "--python",
+        str(python),
+        "-c",
+        str(constraints_file),
+        "--no-header",
+        "-o",
+        "/dev/null",
+    ]
     return _uv(*args, *(str(p) for p in requirement_files), timeout=600)

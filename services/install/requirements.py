@@ -36,6 +36,11 @@ def check_requirements(owner: str, path: Path, text: str) -> tuple[RequirementsF
         try:
             names.add(normalize(Requirement(line).name))
         except InvalidRequirement as exc:
-            problems.append(Problem(f"{owner}: {path.name} line {number}", line,
-                                    f"not a valid requirement ({exc}); fix or remove the line"))
+            problems.append(
+                Problem(
+                    f"{owner}: {path.name} line {number}",
+                    line,
+                    f"not a valid requirement ({exc}); fix or remove the line",
+                )
+            )
     return RequirementsFile(owner, path, frozenset(names)), problems

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -17,6 +16,7 @@ from machine.errors import SupervisorError
 from services.files import atomic_write_text
 from services.plan import NodePlan
 from services.supervisor.conf import render_conf
+from services.supervisor.launch import dies_with_us
 from services.supervisor.rpc import SupervisorRpc
 
 log = logging.getLogger(__name__)
@@ -89,19 +89,16 @@ class Supervisord:
         """Start ``supervisord -n`` (dies with the agent) and wait until its RPC answers."""
         await asyncio.to_thread(reap_stale, self.plan, self.plan.policy.stop_timeout + 5.0)
         self.write_conf()
-        argv = [
-            sys.executable,
-            "-m",
-            "services.supervisor.launch",
-            str(os.getpid()),
-            "--",
-            sys.executable,
-            "-m",
-            "supervisor.supervisord",
-            "-n",
-            "-c",
-            str(self.plan.supervisor_conf),
-        ]
+        argv = dies_with_us(
+            [
+                sys.executable,
+                "-m",
+                "supervisor.supervisord",
+                "-n",
+                "-c",
+                str(self.plan.supervisor_conf),
+            ]
+        )
         with self.output_path.open("ab") as out:
             # Own session: a terminal's Ctrl-C reaches the agent alone, which stops the rest.
             self._proc = await asyncio.create_subprocess_exec(

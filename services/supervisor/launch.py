@@ -23,6 +23,11 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
         return False
 
 
+def dies_with_us(argv: list[str]) -> list[str]:
+    """``argv`` wrapped so the program gets SIGTERM if this process dies (even by SIGKILL)."""
+    return [sys.executable, "-m", "services.supervisor.launch", str(os.getpid()), "--", *argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 3 or args[1] != "--":

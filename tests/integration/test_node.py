@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 
@@ -189,3 +190,98 @@ def test_children_of_a_crashed_or_orphaned_instance_are_killed(
     node.proc.kill()
     _, alive = psutil.wait_procs([second_child], timeout=10)
     assert alive == [], "the child of an instance outlived the SIGKILLed agent"
+
+
+def test_custom_node_import_failure_degrades_or_fails(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    from tests.integration.test_installer import make_repo
+
+    broken = make_repo(tmp_path / "broken_node", {"__init__.py": "import nonexistent_dep\n"})
+    working = make_repo(
+        tmp_path / "working_node",
+        {
+            "__init__.py": "class Hello:\n    @classmethod\n    def INPUT_TYPES(cls):\n"
+            "        return {'required': {}}\n    RETURN_TYPES = ()\n    FUNCTION = 'run'\n"
+            "    CATEGORY = 'test'\n\nNODE_CLASS_MAPPINGS = {'Hello': Hello}\n"
+        },
+    )
+    node = make_node(gpus=1, COMFYUI_CUSTOM_NODES=f"{broken},{working}").start()
+    code, install = wait_until(
+        lambda: (lambda r: r if all(n["import_checked"] for n in r[1]["custom_nodes"]) else None)(
+            node.get("/health/comfyui/installation")
+        ),
+        60,
+        "import check",
+    )
+    by_name = {n["name"]: n for n in install["custom_nodes"]}
+    assert by_name["working_node"]["status"] == "ok" and by_name["working_node"]["commit"]
+    assert by_name["broken_node"]["status"] == "failed"
+    assert by_name["broken_node"]["error"] == "import failed: No module named 'nonexistent_dep'"
+    assert code == 200 and install["status"] == "degraded"
+    code, body = node.get("/health/comfyui")
+    assert code == 200 and body["status"] == "degraded"
+    assert any("custom node broken_node failed" in r for r in body["reasons"])
+    node.stop()
+    # The same node declared required: the node cannot serve.
+    required = make_node(gpus=1, MACHINE_CONFIG=str(_toml(tmp_path, broken))).start()
+    code, body = wait_until(
+        lambda: (lambda r: r if r[0] == 503 and r[1]["status"] == "failed" else None)(
+            required.get("/health/comfyui")
+        ),
+        60,
+        "required node failure",
+    )
+    assert any("it is required" in r for r in body["reasons"])
+
+
+def _toml(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "machine.toml"
+    path.write_text(f'[[custom_nodes]]\nurl = "{url}"\nrequired = true\n')
+    return path
+
+
+# install.py that blocks on its first run only, so a boot can be killed in the middle of it.
+BLOCKING_INSTALL = """
+import time
+from pathlib import Path
+Path("install-started").write_text("x")
+if not Path("ran-once").exists():
+    Path("ran-once").write_text("x")
+    time.sleep(600)
+"""
+
+
+def test_boot_killed_during_install_is_repaired_by_the_next(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    from tests.integration.test_installer import make_repo
+
+    url = make_repo(
+        tmp_path / "slow_node",
+        {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n", "install.py": BLOCKING_INSTALL},
+    )
+    node = make_node(gpus=1, COMFYUI_CUSTOM_NODES=url).start()
+    node_dir = node.workspace / "ComfyUI" / "custom_nodes" / "slow_node"
+    wait_until(lambda: (node_dir / "install-started").exists(), 30, "install.py to start")
+    installing = [p for p in node.tree() if "install.py" in " ".join(p.cmdline())]
+    assert installing
+    assert node.proc is not None
+    node.proc.kill()
+    node.proc.wait(5)
+    _, alive = psutil.wait_procs(installing, timeout=10)
+    assert alive == [], "install.py outlived the killed agent"
+    assert not (node.workspace / "comfy-machine.lock").exists()  # never taken as done
+    node.start()
+    node.wait_ready()
+    _, install = wait_until(
+        lambda: (lambda r: r if r[1]["custom_nodes"][0]["import_checked"] else None)(
+            node.get("/health/comfyui/installation")
+        ),
+        30,
+        "import check",
+    )
+    steps = {s["name"]: s for s in install["steps"]}
+    assert steps["install.py slow_node"]["status"] == "done"
+    assert install["custom_nodes"][0]["status"] == "ok", install["custom_nodes"][0]["error"]
+    assert (node.workspace / "comfy-machine.lock").exists()

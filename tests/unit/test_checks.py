@@ -198,3 +198,22 @@ def test_every_body_has_status_phase_reasons() -> None:
         assert code in (200, 503)
         assert {"status", "phase", "reasons"} <= body.keys()
         assert body["status"] in ("ready", "starting", "degraded", "failed")
+
+
+def test_failed_custom_nodes_degrade_or_fail_the_node() -> None:
+    from machine.state import CustomNodeState
+
+    state = node(make_ready(instance(0)))
+    state.custom_nodes["extra"] = CustomNodeState(
+        "extra", "file:///x", "v1", required=False, enabled=True, status="failed",
+        error="No module named 'nonexistent_dep'")
+    code, body = checks.node_report(state, NOW)
+    assert code == 200 and body["status"] == "degraded"
+    assert "custom node extra failed: No module named 'nonexistent_dep'" in body["reasons"][0]
+    code, install = checks.installation_report(state)
+    assert code == 200 and install["status"] == "degraded"
+    assert install["custom_nodes"][0]["status"] == "failed"
+    state.custom_nodes["extra"].required = True
+    code, body = checks.node_report(state, NOW)
+    assert code == 503 and body["status"] == "failed" and "required" in body["reasons"][0]
+    assert checks.installation_report(state)[0] == 503
