@@ -99,6 +99,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from machine.install_cmd import run_install
+
+    settings = load_settings()
+    return run_install(settings, _plan(settings), check_imports=not args.no_import_check)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     settings = load_settings()
     plan = _plan(settings)
@@ -304,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="demo-workspace",
         help="workspace directory (default ./demo-workspace)",
     )
+    install = sub.add_parser(
+        "install", help="install ComfyUI, custom nodes and their requirements; check imports"
+    )
+    install.add_argument(
+        "--no-import-check",
+        action="store_true",
+        help="skip loading the nodes with ComfyUI --quick-test-for-ci",
+    )
     plan = sub.add_parser("plan", help="validate settings, print the plan; start nothing")
     plan.add_argument("--json", action="store_true")
     status = sub.add_parser("status", help="ask a running node's health server")
@@ -324,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up,
     "demo": cmd_demo,
+    "install": cmd_install,
     "plan": cmd_plan,
     "status": cmd_status,
     "logs": cmd_logs,

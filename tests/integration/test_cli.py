@@ -141,3 +141,33 @@ def test_demo_prints_urls_when_ready_and_stops_on_ctrl_c(workspace: Path) -> Non
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_install_reports_steps_as_json_lines_and_fails_on_a_broken_node(
+    workspace: Path, standin_repo: tuple[str, str]
+) -> None:
+    from tests.integration.test_installer import make_repo
+
+    url, commit = standin_repo
+    good = make_repo(workspace / "good", {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"})
+    broken = make_repo(workspace / "broken", {"__init__.py": "import nonexistent_dep\n"})
+    env = {
+        "COMFYUI_CPU_ONLY": "1",
+        "COMFYUI_REPO": url,
+        "COMFYUI_REF": commit,
+        "COMFYUI_PYTHON": sys.executable,
+        "MACHINE_WORKSPACE": str(workspace / "ws"),
+        "INSTALL_MIN_FREE_GB": "0",
+        "COMFYUI_CUSTOM_NODES": good,
+    }
+    out = run_cli("install", env=env)
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    final = {e["step"]: e["status"] for e in events}
+    assert final["checkout ComfyUI"] == "done" and final["checkout good"] == "done"
+    assert final["import check"] == "done"
+    warm = run_cli("install", env=env)
+    assert warm.returncode == 0 and "warm: nothing to do" in warm.stderr
+    failing = run_cli("install", env={**env, "COMFYUI_CUSTOM_NODES": f"{good},{broken}"})
+    assert failing.returncode == 1
+    assert "custom node broken import failed: No module named 'nonexistent_dep'" in failing.stderr

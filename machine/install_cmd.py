@@ -1,0 +1,129 @@
+"""`comfy-machine install`: the install phase alone, with progress, then an import check.
+
+The import check runs instance 0's exact command line with ComfyUI's --quick-test-for-ci
+(load everything, then exit) and reads the custom-node import results from its output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import TextIO
+
+from config.settings import Settings
+from machine.boot import install_inputs
+from machine.errors import InstallError
+from machine.state import StepStatus
+from services.import_check import parse_startup_log
+from services.install.installer import Installer, InstallReport
+from services.plan import NodePlan
+from services.supervisor.launch import dies_with_us
+
+MARKS = {
+    StepStatus.RUNNING: "…",
+    StepStatus.DONE: "✓",
+    StepStatus.SKIPPED: "-",
+    StepStatus.FAILED: "✗",
+    StepStatus.PENDING: " ",
+}
+IMPORT_CHECK_TIMEOUT_S = 600.0
+
+
+class Progress:
+    """Step events as readable lines on a terminal, JSON lines otherwise (thread-safe)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, name: str, status: StepStatus, detail: str, error: str | None, duration: float | None
+    ) -> None:
+        if self._tty:
+            took = f" ({duration:.1f}s)" if duration is not None else ""
+            text = error or detail
+            line = f"  {MARKS[status]} {name}{took}{': ' + text if text else ''}"
+        else:
+            line = json.dumps(
+                {
+                    "ts": round(time.time(), 3),
+                    "event": "install_step",
+                    "step": name,
+                    "status": status.value,
+                    "detail": detail,
+                    "error": error,
+                    "duration_s": duration,
+                }
+            )
+        with self._lock:
+            print(line, file=self._stream, flush=True)
+
+
+def import_check(plan: NodePlan, report: InstallReport) -> dict[str, str]:
+    """Node name -> import error, from a --quick-test-for-ci run of instance 0's command."""
+    inst = plan.instances[0]
+    argv = [*inst.argv, "--quick-test-for-ci"]
+    env = {**os.environ, **inst.env}
+    try:
+        proc = subprocess.run(
+            dies_with_us(argv),
+            cwd=inst.cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=IMPORT_CHECK_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise InstallError(
+            f"import check: ComfyUI did not finish loading its nodes in "
+            f"{IMPORT_CHECK_TIMEOUT_S:.0f}s"
+        ) from None
+    output = proc.stdout + proc.stderr
+    result = parse_startup_log(output)
+    if proc.returncode != 0 or not result.complete:
+        tail = " | ".join(output.strip().splitlines()[-5:])
+        raise InstallError(
+            f"import check: ComfyUI exited {proc.returncode} before loading its "
+            f"custom nodes: {tail}"
+        )
+    wanted = {n.name for n in report.nodes if n.status == "ok"}
+    return {name: error for name, error in result.failures.items() if name in wanted}
+
+
+def run_install(
+    settings: Settings, plan: NodePlan, check_imports: bool, stream: TextIO = sys.stdout
+) -> int:
+    """Install, then check imports; 0 only when every step and every node succeeded."""
+    progress = Progress(stream)
+    report = Installer(install_inputs(settings), progress).run()
+    failures = {
+        n.name: f"{n.status}: {n.error}" for n in report.nodes if n.status in ("failed", "skipped")
+    }
+    if check_imports and plan.instances:
+        started = time.monotonic()
+        progress("import check", StepStatus.RUNNING, "", None, None)
+        imports = import_check(plan, report)
+        failures.update({name: f"import failed: {error}" for name, error in imports.items()})
+        detail = f"{len(imports)} node(s) failed to import" if imports else "every node loaded"
+        progress(
+            "import check",
+            StepStatus.FAILED if imports else StepStatus.DONE,
+            detail,
+            None,
+            time.monotonic() - started,
+        )
+    for name, why in sorted(failures.items()):
+        print(f"custom node {name} {why}", file=sys.stderr)
+    state = "warm: nothing to do" if report.warm else "installed"
+    print(
+        f"ComfyUI at {report.comfyui_commit} ({state}); "
+        f"{sum(1 for n in report.nodes if n.status == 'ok')} custom node(s) ok, "
+        f"{len(failures)} failed",
+        file=sys.stderr,
+    )
+    return 1 if failures else 0
