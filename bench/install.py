@@ -43,14 +43,17 @@ def make_sources(root: Path, count: int) -> tuple[str, dict[str, str], Path]:
     return comfy_url, nodes, wheels
 
 
-def ours(root: Path, comfy_url: str, nodes: dict[str, str]) -> float:
-    ws = root / "ws-ours"
-    inputs = InstallInputs(
+def install_inputs(ws: Path, comfy_url: str, nodes: dict[str, str]) -> InstallInputs:
+    return InstallInputs(
         comfyui_url=comfy_url, comfyui_ref="HEAD", install_path=ws / "ComfyUI",
         nodes=tuple(CustomNodeSpec(n, u, "v1", False, True, "bench") for n, u in nodes.items()),
         python=ws / "venv" / "bin" / "python", venv=ws / "venv", base_python=sys.executable,
         protected=(), on_conflict="fail", install_py_timeout=60, workers=4, workspace=ws,
         min_free_bytes=0)
+
+
+def ours(root: Path, comfy_url: str, nodes: dict[str, str]) -> float:
+    inputs = install_inputs(root / "ws-ours", comfy_url, nodes)
     started = time.monotonic()
     Installer(inputs, lambda *a: None).run()
     return time.monotonic() - started
@@ -74,13 +77,7 @@ def seed_way(root: Path, comfy_url: str, nodes: dict[str, str], wheels: Path) ->
 
 
 def warm(root: Path, comfy_url: str, nodes: dict[str, str], runs: int) -> list[float]:
-    ws = root / "ws-ours"
-    inputs = InstallInputs(
-        comfyui_url=comfy_url, comfyui_ref="HEAD", install_path=ws / "ComfyUI",
-        nodes=tuple(CustomNodeSpec(n, u, "v1", False, True, "bench") for n, u in nodes.items()),
-        python=ws / "venv" / "bin" / "python", venv=ws / "venv", base_python=sys.executable,
-        protected=(), on_conflict="fail", install_py_timeout=60, workers=4, workspace=ws,
-        min_free_bytes=0)
+    inputs = install_inputs(root / "ws-ours", comfy_url, nodes)
     Installer(inputs, lambda *a: None).run()  # bring the workspace to these 10 nodes
     times = []
     for _ in range(runs):

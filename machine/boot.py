@@ -14,7 +14,7 @@ from config.settings import Settings, custom_node_specs
 from health.checks import node_report
 from health.server import start_health_server
 from machine.errors import InstallError, MachineError
-from machine.state import CustomNodeState, InstanceState, MachineState, Phase, StepStatus
+from machine.state import InstanceState, MachineState, Phase, StepStatus
 from services.gpus import GpuInventory
 from services.install.installer import (
     Installer,
@@ -81,15 +81,8 @@ def record_step(state: MachineState) -> StepCallback:
 async def _install(settings: Settings, state: MachineState) -> None:
     state.set_phase(Phase.INSTALLING)
     installer = Installer(install_inputs(settings), record_step(state))
-    for spec in installer.inputs.nodes:
-        state.custom_nodes[spec.name] = CustomNodeState(
-            spec.name, spec.url, spec.ref, spec.required, spec.enabled,
-            status="ok" if spec.enabled else "disabled")
     report = await asyncio.to_thread(installer.run)
-    await asyncio.sleep(0)  # let the step callbacks queued by the thread land first
-    for outcome in report.nodes:
-        node = state.custom_nodes[outcome.name]
-        node.commit, node.status, node.error = outcome.commit, outcome.status, outcome.error
+    state.custom_nodes = {node.name: node for node in report.nodes}
     if not (settings.install_path / "main.py").is_file():
         raise InstallError(f"ComfyUI: {settings.comfyui_repo}@{settings.comfyui_ref} has no "
                            "main.py; COMFYUI_REPO must be a ComfyUI repository")

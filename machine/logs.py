@@ -48,7 +48,7 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items() if v is not None)
+        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items() if v not in (None, ""))
         line = f"{stamp} {record.levelname:<7} {redact(record.getMessage())} {extra}".rstrip()
         if record.exc_info:
             line += "\n" + redact(self.formatException(record.exc_info))

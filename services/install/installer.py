@@ -18,7 +18,7 @@ from pathlib import Path
 
 from config.nodes import CustomNodeSpec
 from machine.errors import InstallError
-from machine.state import StepStatus
+from machine.state import CustomNodeState, StepStatus
 from services.files import atomic_write_text
 from services.install import pyenv
 from services.install.git import CheckoutResult, checkout_intact, ensure_checkout, resolve_ref
@@ -72,28 +72,10 @@ class InstallInputs:
 
 
 @dataclass
-class NodeOutcome:
-    """What became of one custom node; ``status`` is ok, failed, skipped or disabled."""
-
-    name: str
-    url: str
-    ref: str
-    required: bool
-    enabled: bool
-    commit: str | None = None
-    status: str = "ok"
-    error: str | None = None
-
-
-@dataclass
 class InstallReport:
     comfyui_commit: str
-    nodes: list[NodeOutcome] = field(default_factory=list)
+    nodes: list[CustomNodeState] = field(default_factory=list)
     warm: bool = False  # everything matched the lock: nothing was redone
-
-    @property
-    def failed_nodes(self) -> list[NodeOutcome]:
-        return [n for n in self.nodes if n.status == "failed"]
 
 
 class Installer:
@@ -103,7 +85,7 @@ class Installer:
         self.inputs = inputs
         self._on_step = on_step
         self._outcomes = {
-            n.name: NodeOutcome(
+            n.name: CustomNodeState(
                 n.name,
                 n.url,
                 n.ref,
