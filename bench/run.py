@@ -87,22 +87,31 @@ async def _load(url: str) -> list[float]:
 
 
 SERVERS = r'''
-import asyncio, sys, time
+import asyncio, sys
 from aiohttp import web
 kind, port = sys.argv[1], int(sys.argv[2])
-if kind == "bare":
-    app = web.Application()
-    async def handler(request):
-        return web.json_response({"status": "ready", "phase": "READY", "reasons": []})
-    app.router.add_get("/health/comfyui", handler)
-else:
-    sys.path.insert(0, sys.argv[3])
-    from health.server import create_app
-    from machine.state import Phase
-    from tests.unit.test_checks import instance, make_ready, node
-    state = node(*(make_ready(instance(i), pid=1000 + i) for i in range(8)))
-    app = create_app(state)
-web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+sys.path.insert(0, sys.argv[3])
+from health.server import HEALTH_BACKLOG, start_health_server
+
+
+async def main():
+    if kind == "bare":
+        app = web.Application()
+
+        async def handler(request):
+            return web.json_response({"status": "ready", "phase": "READY", "reasons": []})
+
+        app.router.add_get("/health/comfyui", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=HEALTH_BACKLOG).start()
+    else:  # the product's own server, as `up` starts it, over a node of 8 ready instances
+        from tests.unit.test_checks import instance, make_ready, node
+        state = node(*(make_ready(instance(i), pid=1000 + i) for i in range(8)))
+        await start_health_server(state, "127.0.0.1", port)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
 '''
 
 
