@@ -7,17 +7,19 @@ import ipaddress
 import json
 import os
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
+from config.models import ModelEntry, build_model_specs
 from config.nodes import CustomNodeEntry, CustomNodeSpec, build_specs, snapshot_nodes
 from machine.errors import ConfigError, Problem
 
@@ -83,6 +85,20 @@ class Settings(BaseSettings):
     install_min_free_gb: float = Field(
         5.0, ge=0, description="GiB that must be free in the workspace before installing, >= 0"
     )
+    models: list[ModelEntry] = Field(
+        default_factory=list,
+        description="[[models]] tables with url, folder, filename, size, sha256, auth_env, "
+        "required, when",
+    )
+    workflows: list[Path] = Field(
+        default_factory=list,
+        description="ComfyUI API-format workflow JSON files whose model files every instance "
+        "must list (relative to the TOML file), comma-separated in the environment",
+    )
+    download_workers: int = Field(4, ge=1, le=32, description="parallel model downloads, 1-32")
+    download_retries: int = Field(
+        5, ge=0, le=100, description="retries of a dropped model download (with backoff), 0-100"
+    )
     machine_workspace: Path = Field(Path("/workspace"), description="a writable directory")
     machine_health_port: int = Field(9188, ge=1, le=65535, description="a TCP port, 1-65535")
     machine_health_listen: str = Field("0.0.0.0", description="an IPv4 or IPv6 address")
@@ -106,8 +122,41 @@ class Settings(BaseSettings):
         50 * 1024 * 1024, ge=0, description="bytes per instance log file before rotation"
     )
     instance_log_backups: int = Field(5, ge=0, le=100, description="rotated log files kept")
+    comfyui_gpus: str = Field(
+        "", description="comma-separated GPU indices or UUIDs (GPU-...); unset means NUM_GPUS"
+    )
+    gpu_sample_interval: float = Field(
+        5.0, gt=0, le=300, description="seconds between NVML health samples, > 0 and <= 300"
+    )
+    gpu_max_temperature_celsius: float = Field(
+        90.0, gt=0, description="°C above which a GPU is quarantined"
+    )
+    gpu_max_ecc_uncorrected: int = Field(
+        0, ge=0, description="uncorrected ECC errors a GPU may have before it is quarantined"
+    )
+    gpu_ignored_xids: list[int] = Field(
+        default_factory=lambda: [13, 31, 43, 45, 68],
+        description="Xid codes that are application errors, not GPU faults, comma-separated",
+    )
+    gpu_selftest: bool = Field(True, description="true or false: sentinel self-test per GPU")
+    gpu_selftest_cache_hours: float = Field(
+        24.0, ge=0, description="hours a passed self-test counts for the same GPU and driver"
+    )
+    gpu_selftest_timeout: float = Field(
+        60.0, gt=0, description="seconds the self-test (incl. torch import) may take, > 0"
+    )
+    machine_fake_nvml: Path | None = Field(
+        None, description="a JSON file describing fake GPUs (tests and demos only)"
+    )
 
-    @field_validator("protected_packages", mode="before")
+    @field_validator("gpu_ignored_xids", mode="before")
+    @classmethod
+    def _int_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("protected_packages", "workflows", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -190,6 +239,11 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
         snapshot = file_values.get("custom_nodes_snapshot")
         if isinstance(snapshot, str) and not Path(snapshot).is_absolute():
             file_values["custom_nodes_snapshot"] = str(toml_path.parent / snapshot)
+        workflows = file_values.get("workflows")
+        if isinstance(workflows, list):
+            file_values["workflows"] = [
+                str(toml_path.parent / w) if isinstance(w, str) else w for w in workflows
+            ]
     # Only our own variables are read; others in the environment are none of our business.
     known = {name.upper() for name in Settings.model_fields}
     scoped_env = {k: v for k, v in env.items() if k in known and v != ""}
@@ -227,7 +281,13 @@ def _problems(exc: ValidationError, env: dict[str, str], toml_path: Path | None)
                 f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"][1:]
             )
             where = f"{path} (in {toml_path})" if toml_path else path
-            problems.append(Problem(where, _show(given), err["msg"]))
+            message = err["msg"]
+            table = _table_fields(field)
+            if err["type"] == "extra_forbidden" and table:
+                close = difflib.get_close_matches(str(err["loc"][-1]), table, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                message = f"unknown key; {hint}accepted keys: {', '.join(table)}"
+            problems.append(Problem(where, _show(given), message))
             continue
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(field, Settings.model_fields, n=1)
@@ -254,6 +314,15 @@ def _problems(exc: ValidationError, env: dict[str, str], toml_path: Path | None)
     return problems
 
 
+def _table_fields(field: str) -> list[str]:
+    """The keys a ``[[field]]`` table accepts, when ``field`` is a list of models."""
+    info = Settings.model_fields.get(field)
+    for arg in typing.get_args(info.annotation) if info else ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return list(arg.model_fields)
+    return []
+
+
 def _show(value: object) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
@@ -265,6 +334,8 @@ OWNED_FLAGS = {
     "--cuda-device": "each instance sees exactly its own GPU through CUDA_VISIBLE_DEVICES",
     "--output-directory": "outputs are shared under MACHINE_WORKSPACE/output",
     "--input-directory": "inputs are shared under MACHINE_WORKSPACE/input",
+    "--extra-model-paths-config": "models come from COMFYUI_MODELS_PATH through the generated "
+    "<MACHINE_WORKSPACE>/run/extra_model_paths.yaml",
 }
 
 
@@ -320,6 +391,8 @@ def check_settings(
             )
     if settings.num_gpus:
         problems.extend(check_ports(settings, settings.num_gpus, env, toml_path))
+    where = f" (in {toml_path})" if toml_path else ""
+    problems.extend(build_model_specs(settings.models, where)[1])
     return problems
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
-from machine.state import InstanceState, MachineState, Phase, SmokeStatus, StepStatus
+from machine.state import GpuStatus, InstanceState, MachineState, Phase, SmokeStatus, StepStatus
 from services.supervisor.states import ProcessState
 
 Report = tuple[int, dict[str, Any]]
@@ -26,10 +27,19 @@ def instance_ready(inst: InstanceState) -> bool:
     """Process up, HTTP answering, and the smoke prompt passed for this very process."""
     return (
         _process_alive(inst)
+        and not inst.quarantined
         and inst.smoke is not None
         and inst.smoke.status is SmokeStatus.PASSED
         and inst.smoke.pid == inst.pid
         and inst.probe_failures < PROBE_FAILURES_NOT_READY
+        and models_listed(inst)
+    )
+
+
+def models_listed(inst: InstanceState) -> bool:
+    """No model check needed, or this process was checked and lists every required model."""
+    return not inst.model_check_needed or (
+        inst.model_check_pid == inst.pid and not inst.model_mismatches
     )
 
 
@@ -48,6 +58,11 @@ def _not_ready_reasons(inst: InstanceState, now: float) -> list[str]:
     name, url = inst.plan.name, inst.plan.url
     state = inst.process_state
     tail = f"; last log lines: {' | '.join(inst.log_tail)}" if inst.log_tail else ""
+    if inst.quarantined:
+        return [
+            f"{inst.quarantined}; {name} is stopped and stays stopped until the node restarts, "
+            "the other GPUs keep serving"
+        ]
     if inst.blocked_reason:
         return [inst.blocked_reason]
     if state is ProcessState.FATAL:
@@ -85,6 +100,10 @@ def _not_ready_reasons(inst: InstanceState, now: float) -> list[str]:
             f"{name} failed its smoke prompt (EmptyImage -> SaveImage): {smoke.error}; "
             f"the instance answers HTTP but cannot run a workflow, see {inst.plan.log_path}"
         ]
+    if inst.probe_failures < PROBE_FAILURES_NOT_READY and not models_listed(inst):
+        if inst.model_check_pid != inst.pid:
+            return [f"{name} is being checked: does it list every required model?"]
+        return list(inst.model_mismatches)
     probe = inst.last_probe
     error = probe.error if probe else "no answer"
     return [f"{name}: the last {inst.probe_failures} probes of {url} failed ({error})"]
@@ -95,6 +114,7 @@ def instance_status(inst: InstanceState) -> str:
         return "ready"
     failed = (
         inst.blocked_reason is not None
+        or inst.quarantined is not None
         or inst.process_state is ProcessState.FATAL
         or (
             inst.smoke is not None
@@ -235,6 +255,16 @@ def node_report(state: MachineState, now: float) -> Report:
     return 503, _body("starting", Phase.STARTING, reasons, **summary)
 
 
+def gpu_body(state: MachineState, uuid: str) -> dict[str, Any] | None:
+    """What NVML last said about the GPU with ``uuid`` (None in CPU mode or before a sample)."""
+    status: GpuStatus | None = next((g for g in state.gpus.values() if g.uuid == uuid), None)
+    if status is None:
+        return None
+    body = asdict(status)
+    body["xid_counts"] = {str(code): count for code, count in sorted(status.xid_counts.items())}
+    return body
+
+
 def reported_phase(state: MachineState, now: float) -> str:
     return node_report(state, now)[1]["phase"]
 
@@ -245,13 +275,21 @@ def instance_report(state: MachineState, gpu: int, now: float) -> Report | None:
     if inst is None:
         return None
     body = instance_body(inst, state.max_queue_depth, now)
+    body["nvml"] = gpu_body(state, inst.plan.gpu_uuid)
     phase = reported_phase(state, now)
     if state.phase in BOOT_PHASES and not body["ready"]:
         body["reasons"] = _boot_reasons(state) + body["reasons"]
     return (200 if body["accepting"] else 503), {**body, "phase": phase}
 
 
-def installation_report(state: MachineState) -> Report:
+def public_phase(state: MachineState, now: float) -> str:
+    """The phase bodies report: once instances run, READY/DEGRADED/FAILED from them."""
+    if state.phase is not Phase.RUNNING:
+        return state.phase.value
+    return node_report(state, now)[1]["phase"]
+
+
+def installation_report(state: MachineState, now: float) -> Report:
     """/health/comfyui/installation: 200 once every install step is done or skipped (degraded
     when an optional custom node failed), 503 while installing or when ComfyUI cannot run."""
     steps = [
@@ -289,6 +327,7 @@ def installation_report(state: MachineState) -> Report:
     ]
     reasons = [f"install step {s.name} failed: {s.error}" for s in failed]
     extra = {"steps": steps, "custom_nodes": nodes}
+    phase = public_phase(state, now)
     if failed or required_failed:
         return 503, _body(
             "failed", state.phase, reasons + required_failed + optional_failed, **extra
@@ -298,26 +337,24 @@ def installation_report(state: MachineState) -> Report:
     ]
     if state.phase in (Phase.INITIALIZING, Phase.INSTALLING) or pending:
         names = ", ".join(s.name for s in pending) or "not started"
-        return 503, _body("starting", state.phase, [f"installing: {names}"], **extra)
+        return 503, _body("starting", phase, [f"installing: {names}"], **extra)
     if optional_failed:
-        return 200, _body("degraded", state.phase, optional_failed, **extra)
-    return 200, _body("ready", state.phase, [], **extra)
+        return 200, _body("degraded", phase, optional_failed, **extra)
+    return 200, _body("ready", phase, [], **extra)
 
 
-def models_report(state: MachineState) -> Report:
-    """/health/comfyui/models: no manifest support yet, so nothing is required."""
-    return 200, _body(
-        "ready",
-        state.phase,
-        [],
-        configured=state.models_configured,
-        models=[],
-        message="no model manifest is configured; nothing to fetch or verify",
-    )
+def models_report(state: MachineState, now: float | None = None) -> Report:
+    """/health/comfyui/models: each model verified/downloading/missing/failed with progress,
+    per-instance listing mismatches and unlisted workflow files; 503 until all is in place."""
+    import time
+
+    from services.models.report import models_report as report
+
+    return report(state, time.time() if now is None else now)
 
 
-def livez_report(state: MachineState) -> Report:
+def livez_report(state: MachineState, now: float) -> Report:
     """/livez: the agent answers and, once started, supervisord runs. Instances do not count."""
     if state.supervisor_expected and not state.supervisor_up:
-        return 503, _body("failed", state.phase, ["supervisord is not running"])
-    return 200, _body("ready", state.phase, [])
+        return 503, _body("failed", public_phase(state, now), ["supervisord is not running"])
+    return 200, _body("ready", public_phase(state, now), [])

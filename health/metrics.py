@@ -8,14 +8,13 @@ Placeholders for features not built yet keep their names and labels stable, so d
 alert rules written today keep working when the features land:
 - ``comfy_machine_custom_node_import_failed{node}``: one series per enabled custom node in
   ``MachineState.custom_nodes`` (none until the installer fills it).
-- ``comfy_machine_model_verified{model}``: no series until there is a model manifest;
-  ``comfy_machine_models_required_missing`` is 0 (nothing is required without a manifest);
-  ``comfy_machine_download_bytes_total`` is 0 (nothing is downloaded yet).
-- ``comfy_machine_gpu_quarantined{gpu,uuid}``: 0 for every planned GPU slot until quarantine lands.
-- ``comfy_machine_gpu_xid_errors_total``: 0 for every GPU and the Xid codes below until the
-  NVML sampler counts events into ``MachineState.gpus``.
+- ``comfy_machine_model_verified{model}``: one series per manifest model (none without a
+  manifest); ``comfy_machine_models_required_missing`` counts required models not verified;
+  ``comfy_machine_download_bytes_total`` counts model bytes downloaded by this agent.
+- ``comfy_machine_gpu_xid_errors_total``: 0 for every GPU and the catalogued Xid codes until
+  the GPU sampler (services/gpu/sampler.py) counts events into ``MachineState.gpus``.
 - The NVML gauges (temperature, power, ...): series only for GPUs with a sample in
-  ``MachineState.gpus``, which nothing fills yet (see deploy/README-metrics.md for the DCGM map).
+  ``MachineState.gpus`` (see deploy/README-metrics.md for the DCGM map).
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from prometheus_client.registry import Collector
 
 from health import checks
 from machine.state import GpuStatus, InstanceState, MachineState, Phase, SmokeStatus, StepStatus
+from services.gpu.policy import XID_CODES_AT_ZERO
 from services.supervisor.states import ProcessState
 
 PREFIX = "comfy_machine_"
@@ -46,10 +46,7 @@ INSTANCE_LABELS = ("gpu", "name", "port")
 # The labels dcgm-exporter puts on every GPU series, so existing dashboards join on them.
 DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname")
 # Xid codes whose counters exist at 0 from the start (any other code appears when first seen):
-# the application errors the Kubernetes device plugin ignores (13, 31, 43, 45, 68), memory
-# errors (48, 63, 64, 94, 95), NVLink (74), high single-bit ECC rate (92), fell off the bus (79),
-# GSP timeout (119). The GPU issue's Xid policy should replace this list when it lands.
-XID_CODES_AT_ZERO = (13, 31, 43, 45, 48, 63, 64, 68, 74, 79, 92, 94, 95, 119)
+# the catalogue of the GPU health policy (services/gpu/policy.py).
 # Phases the API reports; RUNNING is internal (it is reported as READY, DEGRADED or FAILED).
 REPORTED_PHASES = tuple(p for p in Phase if p is not Phase.RUNNING)
 PROCESS_STATES = tuple(ProcessState)
@@ -239,22 +236,29 @@ class MachineCollector(Collector):
         yield failed
 
     def _models(self) -> Iterator[Metric]:
-        # Placeholders: there is no model manifest yet, so nothing is required or downloaded.
-        yield GaugeMetricFamily(
+        verified = GaugeMetricFamily(
             PREFIX + "model_verified",
-            "1 when a manifest model is on disk with its size and sha256 checked "
-            "(placeholder: no manifest support yet)",
+            "1 when a manifest model is on disk with its size and sha256 checked",
             labels=["model"],
         )
+        for name, model in sorted(self._state.models.items()):
+            verified.add_metric([name], _bool(model.status == "verified"))
+        yield verified
         yield GaugeMetricFamily(
             PREFIX + "models_required_missing",
-            "Required models not verified yet (placeholder: 0 without a manifest)",
-            value=0.0,
+            "Required manifest models not verified yet (missing, downloading or failed)",
+            value=float(
+                sum(
+                    1
+                    for m in self._state.models.values()
+                    if m.required and m.status != "verified"
+                )
+            ),
         )
         yield CounterMetricFamily(
             PREFIX + "download_bytes",
-            "Model bytes downloaded since the agent started (placeholder: nothing downloads yet)",
-            value=0.0,
+            "Model bytes downloaded since the agent started",
+            value=float(self._state.download_bytes_total),
         )
 
     def _gpu_rows(self, instances: list[InstanceState]) -> list[_GpuRow]:
@@ -282,8 +286,7 @@ class MachineCollector(Collector):
         rows = self._gpu_rows(instances)
         quarantined = GaugeMetricFamily(
             PREFIX + "gpu_quarantined",
-            "1 when the GPU is taken out of service (its instance stopped); "
-            "placeholder 0 until GPU quarantine lands",
+            "1 when the GPU is taken out of service (its instance stopped and not restarted)",
             labels=["gpu", "uuid"],
         )
         for row in rows:

@@ -280,13 +280,13 @@ def create_app(state: MachineState) -> web.Application:
     app[PROCESS_COLLECTORS_KEY] = process_collectors()
     app.router.add_get("/health/comfyui", _route(checks.node_report))
     app.router.add_get(
-        "/health/comfyui/installation", _route(lambda s, _now: checks.installation_report(s))
+        "/health/comfyui/installation", _route(checks.installation_report)
     )
     app.router.add_get("/health/comfyui/instances", _route(checks.node_report))
     app.router.add_get("/health/comfyui/instances/{gpu}", _instance)
     app.router.add_get("/health/comfyui/instances/{gpu}/log", _instance_log)
     app.router.add_get("/health/comfyui/models", _route(checks.models_report))
-    app.router.add_get("/livez", _route(lambda s, _now: checks.livez_report(s)))
+    app.router.add_get("/livez", _route(checks.livez_report))
     app.router.add_get("/readyz", _route(checks.node_report))
     app.router.add_get("/metrics", _metrics)
     return app

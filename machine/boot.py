@@ -14,7 +14,8 @@ from config.settings import Settings, custom_node_specs
 from health.checks import node_report
 from health.server import start_health_server
 from machine.errors import InstallError, MachineError
-from machine.state import InstanceState, MachineState, Phase, StepStatus
+from machine.state import CustomNodeState, InstanceState, MachineState, Phase, StepStatus
+from services.gpu.guard import prepare_gpus
 from services.gpus import GpuInventory
 from services.install.installer import (
     Installer,
@@ -23,6 +24,7 @@ from services.install.installer import (
     default_base_python,
 )
 from services.instances import InstanceController
+from services.models.step import fetch_background, models_step
 from services.plan import NodePlan, make_plan
 from services.probes import InstanceProber, ProbeSettings
 
@@ -66,7 +68,7 @@ def record_step(state: MachineState) -> StepCallback:
               duration: float | None) -> None:
         step = state.step(name)
         step.status, step.detail, step.error = status, detail, error
-        if status is StepStatus.RUNNING:
+        if status is StepStatus.RUNNING or step.started_at is None:
             step.started_at = time.time()
         if duration is not None:
             step.duration_s = round(duration, 3)
@@ -81,6 +83,12 @@ def record_step(state: MachineState) -> StepCallback:
 async def _install(settings: Settings, state: MachineState) -> None:
     state.set_phase(Phase.INSTALLING)
     installer = Installer(install_inputs(settings), record_step(state))
+    # Listed while installing; the installer's own records replace these when it is done.
+    state.custom_nodes = {
+        n.name: CustomNodeState(n.name, n.url, n.ref, n.required, n.enabled,
+                                status="pending" if n.enabled else "disabled")
+        for n in installer.inputs.nodes
+    }
     report = await asyncio.to_thread(installer.run)
     state.custom_nodes = {node.name: node for node in report.nodes}
     if not (settings.install_path / "main.py").is_file():
@@ -162,11 +170,18 @@ async def _boot(
     try:
         if plan.instances:
             await _install(settings, state)
-        state.set_phase(Phase.DOWNLOADING)  # no model manifest yet: nothing to fetch
+        state.set_phase(Phase.DOWNLOADING)
+        fetcher = await models_step(
+            settings, state, plan.extra_model_paths, plan.extra_model_paths_yaml
+        )
         state.set_phase(Phase.STARTING)
         for directory in (plan.output_dir, plan.input_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        # GPU mode: NVML inventory and the sentinel self-test before any instance starts.
+        sampler = await prepare_gpus(settings, plan, state)
         controller = InstanceController(plan, state, settings.probe_interval)
+        if sampler is not None:
+            sampler.quarantine = controller.quarantine
         try:
             await controller.start()
         except (MachineError, asyncio.CancelledError):
@@ -197,6 +212,9 @@ async def _boot(
         for inst in state.instances.values()
     ]
     tasks.append(asyncio.create_task(_close_on_cancel(session), name="http-session"))
+    tasks.append(asyncio.create_task(fetch_background(fetcher), name="models-background"))
+    if sampler is not None:
+        tasks.append(asyncio.create_task(sampler.run(), name="gpu-sampler"))
     state.set_phase(Phase.RUNNING)
     return controller, tasks
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from config.settings import Settings, load_settings
+from config.settings import Settings, custom_node_specs, load_settings
 from machine.errors import ConfigError, MachineError
 from machine.logs import setup_logging
 from services.gpus import GpuInventory, NvmlInventory
@@ -22,14 +22,18 @@ from services.plan import NodePlan
 from services.supervisor.conf import render_conf
 
 
-def _inventory() -> GpuInventory:
+def _inventory(settings: Settings | None = None) -> GpuInventory:
+    if settings is not None and settings.machine_fake_nvml is not None:
+        from services.gpu.guard import nvml_for
+
+        return nvml_for(settings)
     return NvmlInventory()
 
 
 def _plan(settings: Settings) -> NodePlan:
     from machine.boot import build_plan
 
-    return build_plan(settings, _inventory())
+    return build_plan(settings, _inventory(settings))
 
 
 def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | None = None) -> int:
@@ -106,15 +110,34 @@ def cmd_install(args: argparse.Namespace) -> int:
     return run_install(settings, _plan(settings), check_imports=not args.no_import_check)
 
 
+def cmd_gpu_test(args: argparse.Namespace) -> int:
+    from machine.gpu_test_cmd import run_gpu_test
+
+    settings = load_settings()
+    return run_gpu_test(settings, _plan(settings), args.gpu, args.json)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from services.models.command import run_models
+
+    return run_models(load_settings())
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     settings = load_settings()
     plan = _plan(settings)
     conf = render_conf(plan)
+    specs, comfyui_ref = custom_node_specs(settings)
     if args.json:
-        print(json.dumps({"plan": _jsonable(plan), "supervisord_conf": conf}, indent=2))
+        print(json.dumps({"plan": _jsonable(plan), "comfyui_ref": comfyui_ref,
+                          "custom_nodes": _jsonable(specs), "supervisord_conf": conf}, indent=2))
         return 0
     print(f"workspace: {plan.workspace}")
-    print(f"ComfyUI:   {settings.comfyui_repo} @ {settings.comfyui_ref} -> {plan.install_path}")
+    print(f"ComfyUI:   {settings.comfyui_repo} @ {comfyui_ref} -> {plan.install_path}")
+    for spec in specs:
+        flags = ", ".join(f for f, on in (("required", spec.required),
+                                          ("disabled", not spec.enabled)) if on)
+        print(f"  node:    {spec.name}: {spec.url} @ {spec.ref}{f' ({flags})' if flags else ''}")
     print(f"health:    http://{plan.health_listen}:{plan.health_port}/health/comfyui")
     print(f"instances: {len(plan.instances)}{' (CPU mode)' if plan.cpu_only else ''}")
     for inst in plan.instances:
@@ -140,16 +163,18 @@ def _health_base(args: argparse.Namespace) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """A table on a terminal; JSON (the /health/comfyui body) with --json or off a terminal."""
+    """A table, one line per instance (reasons cut to a terminal's width); JSON (the
+    /health/comfyui body) with --json."""
     from machine.health_client import get_health
 
     base = _health_base(args)
     code, body = asyncio.run(get_health(base, "/health/comfyui"))
-    if args.json or not sys.stdout.isatty():
+    if args.json:
         print(json.dumps(body, indent=2))
     else:
         gpus = asyncio.run(_gpu_facts(base))
-        print(status_table(code, body, gpus, shutil.get_terminal_size().columns))
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 100_000
+        print(status_table(code, body, gpus, width))
     return 0 if code == 200 else 1
 
 
@@ -319,16 +344,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip loading the nodes with ComfyUI --quick-test-for-ci",
     )
+    sub.add_parser(
+        "models", help="fetch and verify the model manifest; exit 1 naming what failed"
+    )
     plan = sub.add_parser("plan", help="validate settings, print the plan; start nothing")
     plan.add_argument("--json", action="store_true")
     status = sub.add_parser("status", help="ask a running node's health server")
-    status.add_argument("--json", action="store_true", help="JSON even on a terminal")
+    status.add_argument("--json", action="store_true", help="the JSON health body instead")
     status.add_argument("--url", help="health server base URL (default from settings)")
     logs = sub.add_parser("logs", help="print (and with -f follow) an instance's log")
     logs.add_argument("--gpu", type=int, required=True, help="the instance's GPU index")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("--tail", type=int, default=100, help="lines to show first (1-1000)")
     logs.add_argument("--url", help="health server base URL (default from settings)")
+    gpu_test = sub.add_parser(
+        "gpu-test", help="run the sentinel self-test on each instance's GPU (CPU in CPU mode)"
+    )
+    gpu_test.add_argument("--gpu", type=int, help="only this instance's GPU")
+    gpu_test.add_argument("--json", action="store_true")
     wait = sub.add_parser("wait-ready", help="block until the node or one GPU is ready")
     wait.add_argument("--gpu", type=int, help="wait for this GPU's instance only")
     wait.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
@@ -340,10 +373,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up,
     "demo": cmd_demo,
     "install": cmd_install,
+    "models": cmd_models,
     "plan": cmd_plan,
     "status": cmd_status,
     "logs": cmd_logs,
     "wait-ready": cmd_wait_ready,
+    "gpu-test": cmd_gpu_test,
 }
 
 

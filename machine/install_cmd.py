@@ -19,6 +19,7 @@ from machine.errors import InstallError
 from machine.state import StepStatus
 from services.import_check import parse_startup_log
 from services.install.installer import Installer, InstallReport
+from services.models.extra_paths import write_extra_model_paths
 from services.plan import NodePlan
 from services.supervisor.launch import dies_with_us
 
@@ -66,6 +67,7 @@ class Progress:
 def import_check(plan: NodePlan, report: InstallReport) -> dict[str, str]:
     """Node name -> import error, from a --quick-test-for-ci run of instance 0's command."""
     inst = plan.instances[0]
+    write_extra_model_paths(plan.extra_model_paths, plan.extra_model_paths_yaml, plan.models_path)
     argv = [*inst.argv, "--quick-test-for-ci"]
     env = {**os.environ, **inst.env}
     try:
@@ -84,6 +86,10 @@ def import_check(plan: NodePlan, report: InstallReport) -> dict[str, str]:
             f"{IMPORT_CHECK_TIMEOUT_S:.0f}s"
         ) from None
     output = proc.stdout + proc.stderr
+    # Kept for the traceback behind each failure line.
+    log_path = plan.log_dir / "install" / "import-check.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(output)
     result = parse_startup_log(output)
     if proc.returncode != 0 or not result.complete:
         tail = " | ".join(output.strip().splitlines()[-5:])
@@ -109,21 +115,31 @@ def run_install(
         progress("import check", StepStatus.RUNNING, "", None, None)
         imports = import_check(plan, report)
         failures.update({name: f"import failed: {error}" for name, error in imports.items()})
-        detail = f"{len(imports)} node(s) failed to import" if imports else "every node loaded"
-        progress(
-            "import check",
-            StepStatus.FAILED if imports else StepStatus.DONE,
-            detail,
-            None,
-            time.monotonic() - started,
-        )
+        log_path = plan.log_dir / "install" / "import-check.log"
+        if imports:
+            failed = ", ".join(sorted(imports))
+            progress(
+                "import check",
+                StepStatus.FAILED,
+                "",
+                f"{len(imports)} node(s) failed to import: {failed} (ComfyUI's output: {log_path})",
+                time.monotonic() - started,
+            )
+        else:
+            progress(
+                "import check",
+                StepStatus.DONE,
+                "every custom node loaded",
+                None,
+                time.monotonic() - started,
+            )
     for name, why in sorted(failures.items()):
         print(f"custom node {name} {why}", file=sys.stderr)
     state = "warm: nothing to do" if report.warm else "installed"
+    declared = [n for n in report.nodes if n.enabled]
     print(
         f"ComfyUI at {report.comfyui_commit} ({state}); "
-        f"{sum(1 for n in report.nodes if n.status == 'ok')} custom node(s) ok, "
-        f"{len(failures)} failed",
+        f"{len(declared) - len(failures)} of {len(declared)} custom node(s) ok",
         file=sys.stderr,
     )
     return 1 if failures else 0

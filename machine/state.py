@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from services.models.workflows import WorkflowRef
 from services.plan import InstancePlan
 from services.supervisor.states import ProcessState
 
@@ -91,7 +92,15 @@ class InstanceState:
     queue_running: int | None = None
     # Why the agent does not start this instance (e.g. its port is taken), with a hint.
     blocked_reason: str | None = None
+    # Why its GPU was taken out of service (NVML health or the self-test): never restarted.
+    quarantined: str | None = None
     log_tail: list[str] = field(default_factory=list)
+    # Models (issue 5): set when the manifest or a workflow needs this instance checked.
+    model_check_needed: bool = False
+    model_check_pid: int | None = None  # the process the last complete check was of
+    model_check_generation: int = -1  # MachineState.models_generation it was checked at
+    model_mismatches: list[str] = field(default_factory=list)  # required models not listed
+    workflow_missing: list[WorkflowRef] = field(default_factory=list)
 
     def reset_runtime(self) -> None:
         """Forget what was learned about the previous process."""
@@ -106,7 +115,7 @@ class InstanceState:
 @dataclass
 class GpuStatus:
     """One physical GPU as NVML last saw it: identity, the latest sample, Xid counts and
-    quarantine. Written by the GPU sampler (issue 6, not built yet); read by health and metrics.
+    quarantine. Written by the GPU sampler (services/gpu/sampler.py); read by health and metrics.
     A quantity NVML could not read stays None and is left out of /metrics."""
 
     index: int
@@ -132,13 +141,21 @@ class GpuStatus:
     xid_counts: dict[int, int] = field(default_factory=dict)
     quarantined: bool = False
     quarantine_reason: str | None = None
+    lost: str | None = None
+    throttle_reasons: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    mig_mode: bool | None = None
+    driver_version: str = ""
+    cuda_version: str = ""
+    selftest: dict[str, object] | None = None  # the sentinel self-test's report, when run
 
 
 @dataclass
 class CustomNodeState:
     """A custom node as installed and as ComfyUI loaded it.
 
-    ``status``: ok, failed (install or import), skipped (on_conflict = skip-node), disabled."""
+    ``status``: pending (installing), ok, failed (install or import), skipped (on_conflict =
+    skip-node), disabled."""
 
     name: str
     url: str
@@ -150,6 +167,35 @@ class CustomNodeState:
     error: str | None = None
     import_checked: bool = False
     import_failed: bool = False  # the failure is ComfyUI's import, which a restart re-checks
+
+
+@dataclass
+class ModelState:
+    """One manifest model: verified, downloading, missing or failed, with its progress."""
+
+    name: str  # folder/filename
+    folder: str
+    filename: str
+    url: str  # without credentials or query string
+    path: str
+    required: bool
+    when: str
+    size: int | None
+    sha256: str | None
+    status: str = "missing"
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    session_bytes: int = 0  # downloaded by this process, for the rate
+    started_at: float | None = None
+    finished_at: float | None = None
+    verified_sha256: str | None = None
+    error: str | None = None
+
+    def rate_bps(self, now: float) -> float | None:
+        if self.started_at is None or self.status != "downloading":
+            return None
+        elapsed = now - self.started_at
+        return self.session_bytes / elapsed if elapsed > 0 else None
 
 
 @dataclass
@@ -165,6 +211,12 @@ class MachineState:
     supervisor_up: bool = False
     max_queue_depth: int | None = None
     models_configured: bool = False
+    # Manifest models by name (folder/filename), workflow references, download counter.
+    models: dict[str, ModelState] = field(default_factory=dict)
+    models_generation: int = 0  # bumped whenever a model becomes verified or stops being so
+    workflow_refs: list[WorkflowRef] = field(default_factory=list)
+    workflow_errors: list[str] = field(default_factory=list)
+    download_bytes_total: int = 0
     # Physical GPUs by NVML index (empty in CPU mode and until the GPU sampler lands).
     gpus: dict[int, GpuStatus] = field(default_factory=dict)
     version: int = 0

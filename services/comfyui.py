@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -41,6 +42,22 @@ class ComfyClient:
 
     async def object_info(self) -> dict[str, Any]:
         return await self._get_json("/object_info")
+
+    async def models(self, folder: str) -> list[str] | None:
+        """GET /models/{folder}: the files listed there; None when ComfyUI has no such folder."""
+        async with self._session.get(
+            f"{self._base}/models/{quote(folder)}", timeout=self._timeout
+        ) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise ComfyApiError(f"GET /models/{folder} answered HTTP {resp.status}")
+            return list(await resp.json())
+
+    async def node_info(self, class_type: str) -> dict[str, Any]:
+        """GET /object_info/{class_type}: that node's entry; {} when the node is unknown."""
+        body = await self._get_json(f"/object_info/{quote(class_type)}")
+        return body.get(class_type) or {}
 
     async def queue(self) -> QueueDepth:
         body = await self._get_json("/queue")

@@ -78,6 +78,9 @@ class InstanceController:
         inst.process_state = event.to_state
         if event.pid:
             self._adopt_pid(inst, event.pid)
+        if inst.quarantined and event.to_state in (ProcessState.STARTING, ProcessState.BACKOFF):
+            # supervisord's autorestart raced the quarantine: stop it again.
+            self._spawn(self._stop(inst), f"quarantine-{event.process}")
         self.state.changed()
         log.info(
             "process state",
@@ -209,7 +212,34 @@ class InstanceController:
         if inst.blocked_reason:
             inst.blocked_reason = None
             self.state.changed()
+        if inst.quarantined:  # quarantined while the port was checked
+            return
         await self.supervisord.rpc.start(f"{self.plan.group}:{plan.name}")
+
+    async def quarantine(self, gpu_uuid: str, reason: str) -> None:
+        """Take a GPU out of service: stop its instance and never start it again."""
+        for inst in self.state.instances.values():
+            if inst.plan.gpu_uuid != gpu_uuid or inst.quarantined:
+                continue
+            inst.quarantined = reason
+            self.state.changed()
+            log.error(
+                "GPU quarantined",
+                extra={"fields": {"instance": inst.plan.name, "gpu_uuid": gpu_uuid,
+                                  "reason": reason}},
+            )
+            await self._stop(inst)
+
+    async def _stop(self, inst: InstanceState) -> None:
+        async with self._locks[inst.plan.name]:
+            try:
+                await self.supervisord.rpc.stop(f"{self.plan.group}:{inst.plan.name}")
+            except SupervisorError as exc:
+                log.warning(
+                    "cannot stop a quarantined instance",
+                    extra={"fields": {"instance": inst.plan.name, "error": str(exc)}},
+                )
+        await self.refresh(inst.plan.name)
 
     async def run(self) -> None:
         """Reconcile until cancelled: start stopped instances, notice supervisord dying."""
@@ -218,7 +248,7 @@ class InstanceController:
         try:
             while True:
                 for inst in self.state.instances.values():
-                    if inst.process_state is ProcessState.STOPPED:
+                    if inst.process_state is ProcessState.STOPPED and not inst.quarantined:
                         await self.start_instance(inst)
                 done, _ = await asyncio.wait({watcher}, timeout=self._check_interval)
                 if done:

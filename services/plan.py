@@ -10,6 +10,7 @@ from pathlib import Path
 from config.settings import Settings, check_ports
 from machine.errors import ConfigError, Problem
 from services.gpus import Gpu, cpu_slots
+from services.models.extra_paths import render_extra_model_paths
 
 PROGRAM_PREFIX = "comfyui-gpu"
 # One supervisord group for every instance: a group stops its programs in parallel, groups
@@ -66,6 +67,10 @@ class NodePlan:
     agent_python: str
     policy: ProgramPolicy
     instances: tuple[InstancePlan, ...]
+    # The one model store and the yaml every instance reads it through (written before start).
+    models_path: Path | None = None
+    extra_model_paths: Path | None = None
+    extra_model_paths_yaml: str = ""
 
     @property
     def group(self) -> str:
@@ -81,6 +86,8 @@ def select_gpus(settings: Settings, found: list[Gpu]) -> list[Gpu]:
         return []
     if settings.comfyui_cpu_only:
         return cpu_slots(settings.num_gpus or 1)
+    if settings.comfyui_gpus.strip():
+        return pick_gpus(settings, found)
     wanted = settings.num_gpus if settings.num_gpus is not None else len(found)
     if wanted > len(found):
         listing = ", ".join(f"{g.index}: {g.name}" for g in found) or "none"
@@ -106,6 +113,33 @@ def select_gpus(settings: Settings, found: list[Gpu]) -> list[Gpu]:
             ]
         )
     return found[:wanted]
+
+
+def pick_gpus(settings: Settings, found: list[Gpu]) -> list[Gpu]:
+    """COMFYUI_GPUS: an explicit list of indices or UUIDs, in the order given."""
+    listing = ", ".join(f"{g.index}: {g.uuid} ({g.name})" for g in found) or "none"
+    picked: list[Gpu] = []
+    problems = []
+    for item in (part.strip() for part in settings.comfyui_gpus.split(",")):
+        if not item:
+            continue
+        match = next(
+            (g for g in found if (str(g.index) == item if item.isdigit() else g.uuid == item)),
+            None,
+        )
+        if match is None:
+            problems.append(f"{item!r} is not a GPU found here ({listing})")
+        elif match in picked:
+            problems.append(f"{item!r} is listed twice; each GPU runs one instance")
+        else:
+            picked.append(match)
+    if not problems and settings.num_gpus is not None and settings.num_gpus != len(picked):
+        problems.append(f"names {len(picked)} GPU(s) but NUM_GPUS={settings.num_gpus}; unset one")
+    if problems:
+        raise ConfigError(
+            [Problem("COMFYUI_GPUS", repr(settings.comfyui_gpus), p) for p in problems]
+        )
+    return picked
 
 
 def _url_host(listen: str) -> str:
@@ -140,6 +174,7 @@ def make_plan(settings: Settings, found: list[Gpu], agent_python: str = sys.exec
     output_dir = workspace / "output"
     input_dir = workspace / "input"
     extra_args = tuple(shlex.split(settings.comfyui_args))
+    extra_model_paths = run_dir / "extra_model_paths.yaml"
     instances = []
     for slot, gpu in enumerate(gpus):
         port = settings.comfyui_port_start + slot
@@ -156,6 +191,8 @@ def make_plan(settings: Settings, found: list[Gpu], agent_python: str = sys.exec
             "--input-directory",
             str(input_dir),
             "--disable-auto-launch",
+            "--extra-model-paths-config",
+            str(extra_model_paths),
             *(("--cpu",) if gpu.is_cpu else ()),
             *extra_args,
         )
@@ -203,4 +240,9 @@ def make_plan(settings: Settings, found: list[Gpu], agent_python: str = sys.exec
             log_backups=settings.instance_log_backups,
         ),
         instances=tuple(instances),
+        models_path=settings.models_path,
+        extra_model_paths=extra_model_paths,
+        extra_model_paths_yaml=render_extra_model_paths(
+            settings.models_path, (m.folder for m in settings.models)
+        ),
     )

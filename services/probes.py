@@ -16,6 +16,7 @@ import aiohttp
 from machine.state import InstanceState, MachineState, ProbeResult, SmokeResult, SmokeStatus
 from services.comfyui import PNG_SIGNATURE, ComfyApiError, ComfyClient, history_error
 from services.import_check import modules_loaded, parse_startup_log, read_log_tail
+from services.models.instance_check import check_instance
 from services.supervisor.states import ProcessState
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,16 @@ class InstanceProber:
 
     async def _follow(self, pid: int) -> None:
         await self._wait_for_http(pid)
-        await self._smoke(pid)
+        # Imports before the smoke prompt: readiness waits for both, so health never says
+        # ready for the moment between a passed smoke prompt and a found import failure.
         await self._check_imports(pid)
+        await self._smoke(pid)
+        alive = lambda: self._alive(pid)  # noqa: E731
+        await check_instance(self._state, self._inst, self._client, alive)
         while True:
             await self._sleep_while_alive(pid, self._settings.interval)
-            await self._probe(pid)
+            if await self._probe(pid):  # re-checks models only when one was verified since
+                await check_instance(self._state, self._inst, self._client, alive)
 
     async def _sleep_while_alive(self, pid: int, seconds: float) -> None:
         deadline = time.monotonic() + seconds

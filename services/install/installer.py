@@ -84,6 +84,7 @@ class Installer:
     def __init__(self, inputs: InstallInputs, on_step: StepCallback) -> None:
         self.inputs = inputs
         self._on_step = on_step
+        self._failed_scripts: set[str] = set()
         self._outcomes = {
             n.name: CustomNodeState(
                 n.name,
@@ -144,8 +145,9 @@ class Installer:
                 n.ref,
                 n.commit or "",
                 n.enabled,
-                "failed" if n.status == "failed" else "ok",
-                n.error if n.status == "skipped" else None,
+                install_py=self._script_status(n.name),
+                skipped_reason=n.error if n.status == "skipped" else None,
+                status=n.status,
             )
             for n in self._outcomes.values()
         }
@@ -164,7 +166,7 @@ class Installer:
 
     def _warm_ok(self, lock: Lock) -> bool:
         """Every tree at its locked commit and clean, every node fine, the environment as locked."""
-        if any(n.install_py == "failed" for n in lock.nodes.values()):
+        if any(n.status == "failed" for n in lock.nodes.values()):
             return False
         checks = [(self.inputs.install_path, lock.comfyui.commit)] + [
             (self.inputs.custom_nodes_dir / name, node.commit)
@@ -176,7 +178,7 @@ class Installer:
         if not all(intact):
             return False
         try:
-            return pyenv.freeze(self.inputs.python) == lock.packages
+            return pyenv.installed(self.inputs.python) == lock.packages
         except InstallError:
             return False
 
@@ -334,82 +336,110 @@ class Installer:
         return comfyui_file, files
 
     def _requirements(self, lock: Lock | None) -> tuple[str, dict[str, str]]:
-        """One resolution of ComfyUI's and every node's requirements, torch family pinned."""
+        """Resolve ComfyUI's and every node's requirements together, torch family protected,
+        then install the result; skipped when nothing changed since the lock."""
         inputs = self.inputs
         base, node_files = self._requirement_files()
-        installed = pyenv.freeze(inputs.python)
-        pins = pyenv.constraints(installed, list(inputs.protected))
-        constraints_file = inputs.workspace / "run" / "constraints.txt"
-        atomic_write_text(constraints_file, "".join(f"{p}\n" for p in pins))
+        packages = pyenv.installed(inputs.python)
+        pins = pyenv.constraints(packages, list(inputs.protected))
+        excluded = pyenv.excluded(packages)
+        run_dir = inputs.workspace / "run"
+        atomic_write_text(run_dir / "constraints.txt", "".join(f"{p}\n" for p in pins))
+        atomic_write_text(run_dir / "excludes.txt", "".join(f"{e}\n" for e in excluded))
         files = ([base] if base else []) + node_files
-        req_hash = digest([[f.owner, f.path.read_text()] for f in files] + pins)
-        if lock and lock.requirements_hash == req_hash and installed == lock.packages:
-            self._on_step(
-                "requirements",
-                StepStatus.SKIPPED,
-                f"skipped: {len(files)} file(s) unchanged, environment as locked",
-                None,
-                0.0,
-            )
-            return req_hash, installed
+        req_hash = self._requirements_hash(files, packages)
+        if lock and lock.requirements_hash == req_hash and packages == lock.packages:
+            for step in ("resolve", "install"):
+                self._on_step(
+                    step,
+                    StepStatus.SKIPPED,
+                    f"skipped: {len(files)} requirement file(s) unchanged, environment as locked",
+                    None,
+                    0.0,
+                )
+            return req_hash, packages
+        resolution = pyenv.Resolution(
+            [f.path for f in files], run_dir / "constraints.txt", run_dir / "excludes.txt"
+        )
+        protection = f"pinned: {', '.join(pins) or '-'}; kept out: {', '.join(excluded) or '-'}"
 
-        def run() -> str:
-            result = pyenv.install(inputs.python, [f.path for f in files], constraints_file)
-            if result.ok:
-                return f"{len(files)} file(s) in one resolution; pinned: {', '.join(pins) or '-'}"
-            if not result.unsatisfiable:
-                raise InstallError(f"requirements: uv pip install failed: {result.cause}")
-            accepted = self._settle_conflicts(base, node_files, constraints_file)
-            result = pyenv.install(inputs.python, [f.path for f in accepted], constraints_file)
+        def resolve() -> str:
+            nonlocal resolution
+            result = pyenv.install(inputs.python, resolution, dry_run=True)
+            if not result.ok and not result.unsatisfiable:
+                raise InstallError(f"requirements: uv could not resolve them: {result.cause}")
+            skipped = ""
+            if not result.ok:
+                accepted = self._settle_conflicts(base, node_files, resolution)
+                resolution = pyenv.Resolution(
+                    [f.path for f in accepted],
+                    resolution.constraints_file,
+                    resolution.excludes_file,
+                )
+                names = [n.name for n in self._outcomes.values() if n.status == "skipped"]
+                skipped = f"; skipped for conflicts: {', '.join(names)}"
+            return (
+                f"{len(resolution.files)} requirement file(s) in one resolution "
+                f"({protection}){skipped}"
+            )
+
+        def install() -> str:
+            result = pyenv.install(inputs.python, resolution)
             if not result.ok:
                 raise InstallError(f"requirements: uv pip install failed: {result.cause}")
-            skipped = [n for n in self._outcomes.values() if n.status == "skipped"]
-            return (
-                f"{len(accepted)} file(s) in one resolution; skipped for conflicts: "
-                f"{', '.join(n.name for n in skipped)}"
-            )
+            return pyenv.summary(result)
 
-        self._step("requirements", run)
-        installed = pyenv.freeze(inputs.python)
-        # Keyed by the pins as they are after the install (torch may have arrived just now),
-        # which is what the next boot computes from an unchanged environment.
-        pins = pyenv.constraints(installed, list(inputs.protected))
+        self._step("resolve", resolve)
+        self._step("install", install)
+        packages = pyenv.installed(inputs.python)
         files = ([base] if base else []) + [
             f for f in node_files if self._outcomes[f.owner].status == "ok"
         ]
-        return digest([[f.owner, f.path.read_text()] for f in files] + pins), installed
+        return self._requirements_hash(files, packages), packages
+
+    def _requirements_hash(self, files: list[RequirementsFile], packages: dict[str, str]) -> str:
+        # The pins and exclusions follow from the environment: hashing them as they are after
+        # an install is what the next boot computes from an unchanged environment.
+        pins = pyenv.constraints(packages, list(self.inputs.protected))
+        return digest(
+            [[f.owner, f.path.read_text()] for f in files] + pins + pyenv.excluded(packages)
+        )
 
     def _settle_conflicts(
         self,
         base: RequirementsFile | None,
         node_files: list[RequirementsFile],
-        constraints_file: Path,
+        resolution: pyenv.Resolution,
     ) -> list[RequirementsFile]:
         """Find which nodes conflict (with ComfyUI, the pins, or an earlier node) and apply
         on_conflict: fail names them all; skip-node disables them and keeps the rest."""
         python = self.inputs.python
-        base_paths = [base.path] if base else []
-        if base and not pyenv.resolves(python, base_paths, constraints_file).ok:
-            cause = pyenv.resolves(python, base_paths, constraints_file).cause
+
+        def resolves(files: list[RequirementsFile]) -> pyenv.UvResult:
+            attempt = pyenv.Resolution(
+                [f.path for f in files], resolution.constraints_file, resolution.excludes_file
+            )
+            return pyenv.install(python, attempt, dry_run=True)
+
+        base_files = [base] if base else []
+        if base_files and not (result := resolves(base_files)).ok:
             raise InstallError(
-                f"requirements: ComfyUI's own requirements do not resolve under the pins: {cause}"
+                f"requirements: ComfyUI's own requirements do not resolve under "
+                f"the pins: {result.cause}"
             )
         accepted: list[RequirementsFile] = []
         conflicts: list[str] = []
         for node in node_files:
-            together = base_paths + [f.path for f in accepted] + [node.path]
-            if pyenv.resolves(python, together, constraints_file).ok:
+            if resolves([*base_files, *accepted, node]).ok:
                 accepted.append(node)
                 continue
-            alone = pyenv.resolves(python, [*base_paths, node.path], constraints_file)
+            alone = resolves([*base_files, node])
             if not alone.ok:
                 other, cause = "ComfyUI's requirements or the protected packages", alone.cause
             else:
                 other, cause = "an earlier node", ""
                 for earlier in accepted:
-                    pair = pyenv.resolves(
-                        python, [*base_paths, earlier.path, node.path], constraints_file
-                    )
+                    pair = resolves([*base_files, earlier, node])
                     if not pair.ok:
                         other, cause = f"custom node {earlier.owner}", pair.cause
                         shared = sorted(node.names & earlier.names)
@@ -427,7 +457,12 @@ class Installer:
                 'requirements conflict (on_conflict = "fail"; set '
                 '"skip-node" to install the rest): ' + " | ".join(conflicts)
             )
-        return ([base] if base else []) + accepted
+        return base_files + accepted
+
+    def _script_status(self, name: str) -> str:
+        if not (self.inputs.custom_nodes_dir / name / "install.py").exists():
+            return "none"
+        return "failed" if name in self._failed_scripts else "ok"
 
     def _install_scripts(self, lock: Lock | None, results: dict[str, CheckoutResult]) -> None:
         """Each node's install.py, after the requirements, if its commit is new or it failed."""
@@ -442,6 +477,7 @@ class Installer:
             try:
                 self._step(f"install.py {name}", lambda n=name, s=script: self._run_script(n, s))
             except InstallError as exc:
+                self._failed_scripts.add(name)
                 self._fail_node(name, str(exc))
 
     def _run_script(self, name: str, script: Path) -> str:

@@ -23,8 +23,9 @@ class LockedRepo:
 @dataclass
 class LockedNode(LockedRepo):
     enabled: bool = True
-    install_py: str = "none"  # "none", "ok" or "failed"
+    install_py: str = "none"  # "none" (the node has none), "ok" or "failed"
     skipped_reason: str | None = None  # disabled by on_conflict = "skip-node"
+    status: str = "ok"  # "ok", "failed", "skipped" or "disabled": a failed node is retried
 
 
 @dataclass

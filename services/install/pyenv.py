@@ -3,6 +3,7 @@ resolution under constraints that protect the torch family."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -94,54 +95,64 @@ def ensure_venv(venv: Path, base_python: str) -> bool:
     return True
 
 
-def freeze(python: Path) -> dict[str, str]:
-    """Installed distributions of ``python``'s environment: normalized name -> version."""
-    result = _uv("pip", "freeze", "--python", str(python), timeout=120)
+def installed(python: Path) -> dict[str, str]:
+    """Installed distributions of ``python``'s environment: normalized name -> version.
+
+    From the metadata, not `pip freeze`: a torch installed from a wheel file freezes as
+    `torch @ file://...` and would go unpinned."""
+    result = _uv("pip", "list", "--format", "json", "--python", str(python), timeout=120)
     if not result.ok:
         raise InstallError(f"python: cannot list the packages of {python}: {result.cause}")
-    packages = {}
-    for line in result.output.splitlines():
-        name, sep, version = line.partition("==")
-        if sep:
-            packages[normalize(name.strip())] = version.strip()
-        elif " @ " in line:
-            name, _, url = line.partition(" @ ")
-            packages[normalize(name.strip())] = url.strip()
-    return packages
+    start = result.output.find("[")
+    try:
+        entries = json.loads(result.output[start : result.output.rfind("]") + 1])
+    except ValueError as exc:
+        raise InstallError(f"python: unreadable package list of {python}: {exc}") from None
+    return {normalize(e["name"]): e["version"] for e in entries}
 
 
-def constraints(installed: dict[str, str], protected: list[str]) -> list[str]:
+def constraints(packages: dict[str, str], protected: list[str]) -> list[str]:
     """Pins for what is installed of the torch family and the protected packages."""
-    pins = []
-    for name in sorted({*TORCH_FAMILY, *(normalize(p) for p in protected)}):
-        version = installed.get(name)
-        if version and "://" not in version:
-            pins.append(f"{name}=={version}")
-    return pins
+    names = {*TORCH_FAMILY, *(normalize(p) for p in protected)}
+    return [f"{name}=={packages[name]}" for name in sorted(names) if name in packages]
 
 
-def install(python: Path, requirement_files: list[Path], constraints_file: Path) -> UvResult:
-    """One resolution of every file under the constraints, installed into ``python``'s env."""
-    args = ["pip", "install", "--python", str(python), "-c", str(constraints_file)]
-    for path in requirement_files:
-        args += ["-r", str(path)]
-    return _uv(*args)
+def excluded(packages: dict[str, str]) -> list[str]:
+    """Torch-family packages to keep out when torch is already installed but they are not: a
+    PyPI torchaudio or xformers built for another torch breaks imports (ComfyUI runs without)."""
+    if "torch" not in packages:
+        return []
+    return [name for name in TORCH_FAMILY if name not in packages]
 
 
-def resolves(python: Path, requirement_files: list[Path], constraints_file: Path) -> UvResult:
-    """Would these files resolve together (nothing installed)?"""
-    if not requirement_files:
-        return UvResult(True, "")
-    args = [
-        "pip",
-        "compile",
-        "--quiet",
-        "--python",
-        str(python),
-        "-c",
-        str(constraints_file),
-        "--no-header",
-        "-o",
-        "/dev/null",
-    ]
-    return _uv(*args, *(str(p) for p in requirement_files), timeout=600)
+@dataclass(frozen=True)
+class Resolution:
+    """Requirement files and the constraints and exclusions they resolve under."""
+
+    files: list[Path]
+    constraints_file: Path
+    excludes_file: Path
+
+    def args(self) -> list[str]:
+        args = ["-c", str(self.constraints_file), "--excludes", str(self.excludes_file)]
+        for path in self.files:
+            args += ["-r", str(path)]
+        return args
+
+
+def install(python: Path, resolution: Resolution, dry_run: bool = False) -> UvResult:
+    """One resolution of every file, installed into ``python``'s environment (or only
+    resolved, with ``dry_run``)."""
+    dry = ["--dry-run"] if dry_run else []
+    return _uv("pip", "install", *dry, "--python", str(python), *resolution.args())
+
+
+def summary(result: UvResult) -> str:
+    """uv's one-line account of what it did or would do."""
+    for line in result.output.splitlines():
+        line = line.strip()
+        if line.startswith(
+            ("Would install", "Would make no changes", "Installed", "Audited", "Checked")
+        ):
+            return line
+    return "done"

@@ -28,14 +28,18 @@ def run_cli(
 def test_plan_prints_instances_and_conf_and_writes_nothing(workspace: Path) -> None:
     ws = workspace / "ws"
     env = {"COMFYUI_CPU_ONLY": "1", "NUM_GPUS": "2", "MACHINE_WORKSPACE": str(ws)}
+    env["COMFYUI_CUSTOM_NODES"] = "https://github.com/Acly/comfyui-tooling-nodes@v2.0.6"
     out = run_cli("plan", env=env)
     assert out.returncode == 0, out.stderr
+    tooling = "https://github.com/Acly/comfyui-tooling-nodes"
+    assert f"node:    comfyui-tooling-nodes: {tooling} @ v2.0.6" in out.stdout
     assert "comfyui-gpu1: gpu 1" in out.stdout and "port 8189" in out.stdout
     assert "[program:comfyui-gpu0]" in out.stdout and "CUDA_VISIBLE_DEVICES" in out.stdout
     as_json = json.loads(run_cli("plan", "--json", env=env).stdout)
     assert [i["port"] for i in as_json["plan"]["instances"]] == [8188, 8189]
     assert as_json["plan"]["instances"][0]["log_path"] == str(ws / "logs" / "comfyui-gpu0.log")
     assert "[group:comfyui]" in as_json["supervisord_conf"]
+    assert as_json["custom_nodes"][0]["ref"] == "v2.0.6"
     assert not ws.exists()
 
 
@@ -72,11 +76,14 @@ def test_wait_ready_status_and_reasons(make_node: Callable[..., Node]) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"gpu 1 ready: http://127.0.0.1:{node.port_start + 1}"
     assert run_cli("wait-ready", "--timeout", "30", env=env).returncode == 0
-    # Off a terminal (a pipe here) status prints JSON; the table is for terminals.
+    # One line per instance, also through a pipe (scripts grep it); reasons are not cut there.
     status = run_cli("status", env=env)
-    assert status.returncode == 0 and json.loads(status.stdout)["status"] == "ready"
-    ports = {i["name"]: i["port"] for i in json.loads(status.stdout)["instances"]}
-    assert ports["comfyui-gpu1"] == node.port_start + 1
+    assert status.returncode == 0 and status.stdout.startswith("node: ready (phase READY")
+    rows = [line.split() for line in status.stdout.splitlines() if "comfyui-gpu" in line]
+    assert [(r[1], r[3], r[4]) for r in rows] == [
+        ("comfyui-gpu0", "yes", str(node.port_start)),
+        ("comfyui-gpu1", "yes", str(node.port_start + 1)),
+    ]
     as_json = json.loads(run_cli("status", "--json", env=env).stdout)
     assert as_json["ready_instances"] == 2
     unknown = run_cli("wait-ready", "--gpu", "5", "--timeout", "5", env=env)

@@ -46,6 +46,8 @@ def wheels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("pin-shared-1", "1.0", ("shared==1.0",)),
         ("pin-shared-2", "1.0", ("shared==2.0",)),
         ("tiny", "1.0", ()),
+        ("torchaudio", "9.0", ()),
+        ("wants-other-torch", "1.0", ("torch!=1.0",)),
     ]:
         build_wheel(directory, name, version, requires)
     # uv's own config file: resolve from the local directory only, never the network.
@@ -63,6 +65,7 @@ NODES = {
         "install.py": "from pathlib import Path\nPath('installed.marker').write_text('yes')\n",
     },
     "wants-new-torch": {"requirements.txt": "needs-new-torch\n", "__init__.py": ""},
+    "replaces-torch": {"requirements.txt": "wants-other-torch\n", "__init__.py": ""},
     "first-shared": {"requirements.txt": "pin-shared-1\n", "__init__.py": ""},
     "second-shared": {"requirements.txt": "pin-shared-2\n", "__init__.py": ""},
     "bad-install": {"__init__.py": "", "install.py": "import sys\nprint('boom')\nsys.exit(3)\n"},
@@ -128,7 +131,9 @@ def preinstalled_torch(tmp_path: Path, wheels: Path) -> Iterator[None]:
     """The image's torch: installed before comfy-machine runs; no node may replace it."""
     venv = tmp_path / "ws" / "venv"
     pyenv.ensure_venv(venv, sys.executable)
-    result = pyenv._uv("pip", "install", "--python", str(venv / "bin" / "python"), "torch==1.0")
+    # From the wheel file, as images do: listed as `torch @ file://...` by pip freeze.
+    wheel = next(wheels.glob("torch-1.0-*.whl"))
+    result = pyenv._uv("pip", "install", "--python", str(venv / "bin" / "python"), str(wheel))
     assert result.ok, result.output
     yield
 
@@ -145,8 +150,14 @@ def test_cold_install_protects_torch_and_reports_each_node(
     # The node that wanted a newer torch is skipped, named with the package; torch untouched.
     assert status["wants-new-torch"].status == "skipped"
     assert "torch" in status["wants-new-torch"].error
-    packages = pyenv.freeze(ws / "venv" / "bin" / "python")
+    packages = pyenv.installed(ws / "venv" / "bin" / "python")
     assert packages["torch"] == "1.0" and packages["tiny"] == "1.0"
+    # Nor may a node replace it with another build, and a torchaudio built for some other
+    # torch is not pulled in beside the image's torch.
+    assert (
+        status["replaces-torch"].status == "skipped" and "torch" in status["replaces-torch"].error
+    )
+    assert "torchaudio" not in packages
     # Of two nodes pinning `shared` differently, the later one is skipped and both are named.
     assert status["first-shared"].status == "ok"
     assert status["second-shared"].status == "skipped"
@@ -161,7 +172,10 @@ def test_cold_install_protects_torch_and_reports_each_node(
     assert status["bad-line"].status == "failed"
     assert "requirements.txt line 2" in status["bad-line"].error
     assert steps.final["install.py bad-install"][0] is StepStatus.FAILED
-    assert steps.final["requirements"][0] is StepStatus.DONE
+    assert steps.final["resolve"][0] is StepStatus.DONE
+    assert "kept out: torchvision, torchaudio, xformers" in steps.final["resolve"][1]
+    assert "pinned: torch==1.0;" in steps.final["resolve"][1]
+    assert steps.final["install"][0] is StepStatus.DONE
     lock = read_lock(ws / "comfy-machine.lock")
     assert lock is not None and lock.comfyui.commit == report.comfyui_commit
     assert lock.packages["torch"] == "1.0"
@@ -208,7 +222,8 @@ def test_warm_run_skips_and_a_change_redoes_only_its_part(
     assert steps.final["checkout good"][1].startswith("updated at ")
     assert steps.final["checkout first-shared"][0] is StepStatus.SKIPPED
     assert steps.final["checkout ComfyUI"][0] is StepStatus.SKIPPED
-    assert steps.final["requirements"][0] is StepStatus.SKIPPED  # same requirement files
+    assert steps.final["resolve"][0] is StepStatus.SKIPPED  # same requirement files
+    assert steps.final["install"][0] is StepStatus.SKIPPED
     assert steps.final["install.py good"][0] is StepStatus.DONE  # new commit: runs again
 
 
@@ -220,8 +235,8 @@ def test_tampered_environment_is_repaired(
     assert pyenv._uv("pip", "uninstall", "--python", str(python), "tiny").ok
     steps = Steps()
     report = Installer(inputs(tmp_path, sources, nodes=("good",)), steps).run()
-    assert not report.warm and steps.final["requirements"][0] is StepStatus.DONE
-    assert "tiny" in pyenv.freeze(python)
+    assert not report.warm and steps.final["install"][0] is StepStatus.DONE
+    assert "tiny" in pyenv.installed(python)
 
 
 def test_half_made_venv_is_not_taken(tmp_path: Path, sources: dict[str, str], wheels: Path) -> None:

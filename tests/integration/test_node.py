@@ -37,7 +37,7 @@ def test_boot_all_ready_with_the_fields_workers_use(make_node: Callable[..., Nod
     code, install = node.get("/health/comfyui/installation")
     steps = {step["name"]: step for step in install["steps"]}
     assert code == 200 and steps["checkout ComfyUI"]["detail"].startswith("cloned at ")
-    assert steps["requirements"]["status"] == "done"
+    assert steps["resolve"]["status"] == steps["install"]["status"] == "done"
     code, models = node.get("/health/comfyui/models")
     assert code == 200 and models["configured"] is False
     # Smoke images are removed from the user's shared output folder.
@@ -208,9 +208,13 @@ def test_custom_node_import_failure_degrades_or_fails(
     )
     node = make_node(gpus=1, COMFYUI_CUSTOM_NODES=f"{broken},{working}").start()
     code, install = wait_until(
-        lambda: (lambda r: r if all(n["import_checked"] for n in r[1]["custom_nodes"]) else None)(
-            node.get("/health/comfyui/installation")
-        ),
+        lambda: (
+            lambda r: (
+                r
+                if r[1]["custom_nodes"] and all(n["import_checked"] for n in r[1]["custom_nodes"])
+                else None
+            )
+        )(node.get("/health/comfyui/installation")),
         60,
         "import check",
     )

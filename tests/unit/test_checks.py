@@ -156,7 +156,7 @@ def test_boot_phases_are_starting() -> None:
     code, body = checks.node_report(state, NOW)
     assert code == 503 and body["status"] == "starting" and body["phase"] == "INSTALLING"
     assert "comfyui" in body["reasons"][0]
-    code, inst = checks.installation_report(state)
+    code, inst = checks.installation_report(state, NOW)
     assert code == 503 and inst["steps"][0]["status"] == "running"
 
 
@@ -167,7 +167,7 @@ def test_failed_install_names_step() -> None:
     state.error, state.failed_step = "ref 'v9' not found", "installing"
     code, body = checks.node_report(state, NOW)
     assert code == 503 and body["status"] == "failed" and "v9" in body["reasons"][0]
-    code, inst = checks.installation_report(state)
+    code, inst = checks.installation_report(state, NOW)
     assert code == 503 and "install step comfyui failed" in inst["reasons"][0]
 
 
@@ -175,10 +175,10 @@ def test_liveness_is_not_readiness() -> None:
     inst = instance(0)
     inst.process_state = ProcessState.FATAL
     state = node(inst)
-    assert checks.livez_report(state)[0] == 200
+    assert checks.livez_report(state, NOW)[0] == 200
     assert checks.node_report(state, NOW)[0] == 503
     state.supervisor_up = False
-    assert checks.livez_report(state)[0] == 503
+    assert checks.livez_report(state, NOW)[0] == 503
 
 
 def test_models_without_manifest() -> None:
@@ -190,9 +190,9 @@ def test_every_body_has_status_phase_reasons() -> None:
     state = node(instance(0), phase=Phase.STARTING)
     for code, body in (
         checks.node_report(state, NOW),
-        checks.installation_report(state),
+        checks.installation_report(state, NOW),
         checks.models_report(state),
-        checks.livez_report(state),
+        checks.livez_report(state, NOW),
         checks.instance_report(state, 0, NOW),
     ):
         assert code in (200, 503)
@@ -210,10 +210,16 @@ def test_failed_custom_nodes_degrade_or_fail_the_node() -> None:
     code, body = checks.node_report(state, NOW)
     assert code == 200 and body["status"] == "degraded"
     assert "custom node extra failed: No module named 'nonexistent_dep'" in body["reasons"][0]
-    code, install = checks.installation_report(state)
+    code, install = checks.installation_report(state, NOW)
     assert code == 200 and install["status"] == "degraded"
     assert install["custom_nodes"][0]["status"] == "failed"
     state.custom_nodes["extra"].required = True
     code, body = checks.node_report(state, NOW)
     assert code == 503 and body["status"] == "failed" and "required" in body["reasons"][0]
-    assert checks.installation_report(state)[0] == 503
+    assert checks.installation_report(state, NOW)[0] == 503
+
+
+def test_installation_reports_the_public_phase() -> None:
+    code, body = checks.installation_report(node(make_ready(instance(0))), NOW)
+    assert code == 200 and body["phase"] == "READY"  # never the internal RUNNING
+    assert checks.livez_report(node(make_ready(instance(0))), NOW)[1]["phase"] == "READY"

@@ -1,0 +1,1 @@
+"""GPU truth: the NVML interface (real and fake), the health policy, the sampler, the self-test."""

@@ -1,0 +1,100 @@
+"""Run the sentinel self-test (selftest_script.py) with an instance's Python and environment,
+and cache a pass per GPU UUID and driver version so a warm reboot does not repeat it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCRIPT = Path(__file__).with_name("selftest_script.py")
+
+
+@dataclass(frozen=True)
+class SelfTestResult:
+    ok: bool
+    report: dict[str, Any]
+    cached: bool = False
+
+    @property
+    def reason(self) -> str:
+        error = self.report.get("error") or "failed"
+        return f"sentinel self-test failed: {error}"
+
+
+def cache_path(cache_dir: Path, uuid: str, driver: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{uuid}-{driver}")
+    return cache_dir / f"{safe}.json"
+
+
+def cached_pass(cache_dir: Path, uuid: str, driver: str, max_age_s: float) -> dict | None:
+    """A passing report younger than ``max_age_s`` for this GPU and driver, else None."""
+    if max_age_s <= 0:
+        return None
+    try:
+        report = json.loads(cache_path(cache_dir, uuid, driver).read_text())
+    except (OSError, ValueError):
+        return None
+    fresh = time.time() - float(report.get("finished_at", 0)) < max_age_s
+    return report if report.get("ok") and fresh else None
+
+
+def store(cache_dir: Path, uuid: str, driver: str, report: dict) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_path(cache_dir, uuid, driver)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report))
+    tmp.replace(path)
+
+
+async def run_selftest(
+    python: Path | str,
+    env: dict[str, str],
+    device: str,
+    limit_s: float,
+    size: str = "full",
+    inject_fault: float = 0.0,
+    threads: int = 0,
+) -> SelfTestResult:
+    """Run the script once; never raises for a failing or hanging test (the result says why)."""
+    argv = [str(python), str(SCRIPT), "--device", device, "--size", size]
+    if inject_fault:
+        argv += ["--inject-fault", str(inject_fault)]
+    if threads:
+        argv += ["--threads", str(threads)]
+    started = time.time()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env={**os.environ, **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return SelfTestResult(False, {"ok": False, "error": f"cannot run {python}: {exc}"})
+    try:
+        async with asyncio.timeout(limit_s):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return SelfTestResult(
+            False,
+            {
+                "ok": False,
+                "error": f"did not finish within {limit_s:.0f}s "
+                "(GPU_SELFTEST_TIMEOUT); a hung kernel is a failing GPU",
+            },
+        )
+    try:
+        report = json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+        report = {"ok": False, "error": f"exited {proc.returncode} without a report: {tail}"}
+    report["started_at"], report["finished_at"] = started, time.time()
+    return SelfTestResult(bool(report.get("ok")) and proc.returncode == 0, report)

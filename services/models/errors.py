@@ -1,0 +1,13 @@
+"""The model errors: each names the model, what was expected and what was found."""
+
+from __future__ import annotations
+
+from machine.errors import MachineError
+
+
+class ModelError(MachineError):
+    """A model could not be fetched or verified; the message names it (never a token)."""
+
+
+class TransientError(Exception):
+    """A failure worth retrying (connection dropped, 5xx, timeout)."""

@@ -1,0 +1,41 @@
+"""The sampler over the fake NVML: MachineState.gpus filled, Xids counted, quarantine called."""
+
+from __future__ import annotations
+
+from machine.state import MachineState
+from services.gpu.nvml import FakeGpu, FakeNvml
+from services.gpu.policy import GpuPolicy
+from services.gpu.sampler import GpuSampler
+
+
+async def test_sampler_fills_state_and_quarantines_once() -> None:
+    nvml = FakeNvml([FakeGpu(uuid="GPU-a"), FakeGpu(uuid="GPU-b")])
+    state = MachineState()
+    calls: list[tuple[str, str]] = []
+
+    async def quarantine(uuid: str, reason: str) -> None:
+        calls.append((uuid, reason))
+
+    sampler = GpuSampler(nvml, state, GpuPolicy(), 0.1, quarantine)
+    await sampler.open()
+    assert [g.uuid for g in state.gpus.values()] == ["GPU-a", "GPU-b"]
+    assert state.gpus[0].driver_version == "550.54.15"
+    await sampler.cycle()
+    a, b = state.gpus[0], state.gpus[1]
+    assert a.sampled_at is not None and a.temperature_celsius == 40.0 and not a.quarantined
+    assert sampler.last_cycle_s is not None
+
+    nvml.inject_xid(1, 95)
+    nvml.inject_xid(1, 95)
+    nvml.inject_xid(0, 13)
+    await sampler.cycle()
+    assert b.xid_counts == {95: 2} and a.xid_counts == {13: 1}
+    assert b.quarantined and b.quarantine_reason and "Xid 95" in b.quarantine_reason
+    assert not a.quarantined and "Xid 13" in a.warnings[0]
+    assert calls == [("GPU-b", f"GPU 1 (GPU-b) quarantined: {b.quarantine_reason}")]
+
+    nvml.lose(0)
+    await sampler.cycle()
+    await sampler.cycle()
+    assert a.lost and a.temperature_celsius == 40.0  # last good readings stay
+    assert [uuid for uuid, _ in calls] == ["GPU-b", "GPU-a"]  # once per GPU
