@@ -182,7 +182,23 @@ def instance_body(inst: InstanceState, max_queue_depth: int | None, now: float) 
 def _boot_reasons(state: MachineState) -> list[str]:
     running = [s for s in state.install_steps if s.status is StepStatus.RUNNING]
     step = f": {', '.join(s.name for s in running)}" if running else ""
+    if state.phase is Phase.DOWNLOADING:
+        step = _download_progress(state)
     return [f"the node is booting, phase {state.phase.value}{step}; wait with ?wait=SECONDS"]
+
+
+def _download_progress(state: MachineState) -> str:
+    """': 1.2 of 7.8 GiB, 2 model(s) left' for the models instances wait for."""
+    waiting = [m for m in state.models.values()
+               if m.when == "before_start" and m.status != "verified"]
+    if not waiting:
+        return ""
+    done = sum(m.bytes_done for m in state.models.values() if m.when == "before_start")
+    total = sum(m.bytes_total or m.size or 0 for m in state.models.values()
+                if m.when == "before_start")
+    of_total = f" of {total / 2**30:.1f}" if total else ""
+    return (f": {done / 2**30:.1f}{of_total} GiB downloaded, {len(waiting)} model(s) left "
+            "(details: /health/comfyui/models)")
 
 
 FAILED_NODE_STATES = ("failed", "skipped")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 # Space left free on the disk besides the file itself.
 FREE_MARGIN = 64 << 20
+WRITEBACK_EVERY = 64 << 20
+IN_FLIGHT = 3  # chunks handed to the writer thread and not yet written
 Progress = Callable[[int, int | None], None]  # (bytes just written, total if known)
 
 
@@ -67,9 +70,10 @@ class _Sink:
         self.path = path
         self.hasher = hasher
         self.offset = offset
-        self._fh = path.open("r+b" if offset else "wb")
+        self._fh = path.open("r+b" if offset else "wb", buffering=0)
         self._fh.seek(offset)
         self._fh.truncate()
+        self._written_back = offset
 
     def _disk_full(self) -> ModelError:
         return ModelError(
@@ -81,12 +85,24 @@ class _Sink:
     def write(self, chunk: bytes) -> None:
         self.hasher.update(chunk)
         try:
-            self._fh.write(chunk)
+            view = memoryview(chunk)
+            while view:  # an unbuffered write may be short
+                view = view[self._fh.write(view) :]
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise self._disk_full() from None
             raise
         self.offset += len(chunk)
+        if self.offset - self._written_back >= WRITEBACK_EVERY:
+            # Start writing back what is done (without waiting), so the final fsync is short
+            # and dirty pages do not pile up into a stall.
+            os.posix_fadvise(
+                self._fh.fileno(),
+                self._written_back,
+                self.offset - self._written_back,
+                os.POSIX_FADV_DONTNEED,
+            )
+            self._written_back = self.offset
 
     def close(self, sync: bool) -> None:
         try:
@@ -378,22 +394,22 @@ class HttpFetch:
         )
         sink = _Sink(spec, self.part, self.offset, self.hasher)
         loop = asyncio.get_running_loop()
-        pending: asyncio.Future[None] | None = None
+        pending: deque[asyncio.Future[None]] = deque()
         ok = False
         try:
             async for chunk in resp.content.iter_chunked(CHUNK):
-                if pending is not None:
-                    await pending
+                if len(pending) >= IN_FLIGHT:
+                    await pending.popleft()
                     self.offset = sink.offset
-                pending = loop.run_in_executor(self._executor, sink.write, chunk)
+                pending.append(loop.run_in_executor(self._executor, sink.write, chunk))
                 self.progress(len(chunk), total)
-            if pending is not None:
-                await pending
+            while pending:
+                await pending.popleft()
             ok = True
         finally:
-            if pending is not None and not pending.done():
+            for future in pending:
                 with contextlib.suppress(Exception):
-                    await pending
+                    await future
             await loop.run_in_executor(self._executor, sink.close, ok)
             self.offset = sink.offset
         if total is not None and self.offset < total:

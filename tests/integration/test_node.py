@@ -223,7 +223,14 @@ def test_custom_node_import_failure_degrades_or_fails(
     assert by_name["broken_node"]["status"] == "failed"
     assert by_name["broken_node"]["error"] == "import failed: No module named 'nonexistent_dep'"
     assert code == 200 and install["status"] == "degraded"
-    code, body = node.get("/health/comfyui")
+    # Imports are checked before the smoke prompt; once that passes the node serves, degraded.
+    code, body = wait_until(
+        lambda: (lambda r: r if r[1]["ready_instances"] == 1 else None)(
+            node.get("/health/comfyui")
+        ),
+        30,
+        "the instance to pass its smoke prompt",
+    )
     assert code == 200 and body["status"] == "degraded"
     assert any("custom node broken_node failed" in r for r in body["reasons"])
     node.stop()

@@ -223,3 +223,15 @@ def test_installation_reports_the_public_phase() -> None:
     code, body = checks.installation_report(node(make_ready(instance(0))), NOW)
     assert code == 200 and body["phase"] == "READY"  # never the internal RUNNING
     assert checks.livez_report(node(make_ready(instance(0))), NOW)[1]["phase"] == "READY"
+
+
+def test_downloading_phase_says_how_far() -> None:
+    from machine.state import ModelState
+
+    state = node(instance(0), phase=Phase.DOWNLOADING)
+    state.models["vae/a.safetensors"] = ModelState(
+        "vae/a.safetensors", "vae", "a.safetensors", "https://x/a", "/m/vae/a.safetensors",
+        required=True, when="before_start", size=2 * 2**30, sha256=None, status="downloading",
+        bytes_done=2**30, bytes_total=2 * 2**30)
+    code, body = checks.node_report(state, NOW)
+    assert code == 503 and "1.0 of 2.0 GiB downloaded, 1 model(s) left" in body["reasons"][0]

@@ -90,3 +90,27 @@ def test_gpu_test_command_in_cpu_mode(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     (report,) = json.loads(proc.stdout)
     assert report["gpu"] == 0 and report["ok"] and report["device"] == "cpu"
+
+
+@needs_torch
+async def test_a_pass_is_cached_per_gpu_and_driver(tmp_path: Path) -> None:
+    from config.settings import load_settings
+    from machine.state import InstanceState
+    from services.gpu.guard import selftest_instance
+    from services.plan import make_plan
+
+    settings = load_settings(
+        {
+            "COMFYUI_CPU_ONLY": "true",
+            "MACHINE_WORKSPACE": str(tmp_path),
+            "COMFYUI_PYTHON": sys.executable,
+        }
+    )
+    plan = make_plan(settings, [])
+    inst = InstanceState(plan=plan.instances[0])
+    first = await selftest_instance(settings, plan, inst, "550.1")
+    assert first.ok and not first.cached
+    again = await selftest_instance(settings, plan, inst, "550.1")
+    assert again.ok and again.cached and again.report["finished_at"] == first.report["finished_at"]
+    other_driver = await selftest_instance(settings, plan, inst, "555.2")
+    assert other_driver.ok and not other_driver.cached

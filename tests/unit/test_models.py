@@ -276,3 +276,22 @@ def test_metrics_read_the_models() -> None:
     assert registry.get_sample_value("comfy_machine_model_verified", {"model": "vae/b.bin"}) == 0
     assert registry.get_sample_value("comfy_machine_models_required_missing") == 0
     assert registry.get_sample_value("comfy_machine_download_bytes_total") == 1234
+
+
+def test_terminal_progress_line() -> None:
+    from services.models.command import progress_line
+
+    state = MachineState()
+    state.models = {
+        "vae/a.bin": _model("vae/a.bin", "verified", bytes_done=2**20, bytes_total=2**20),
+        "unet/b.bin": _model(
+            "unet/b.bin",
+            "downloading",
+            bytes_done=3 * 2**20,
+            bytes_total=5 * 2**20,
+            session_bytes=3 * 2**20,
+            started_at=NOW - 3,
+        ),
+    }
+    line = progress_line(state, NOW)
+    assert line == ("models: 1/2 verified, 4.0 MiB of 6.0 MiB, 1.0 MiB/s, ETA 2s - unet/b.bin")
