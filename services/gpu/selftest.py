@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from services.supervisor.launch import dies_with_us
 
 SCRIPT = Path(__file__).with_name("selftest_script.py")
 
@@ -67,9 +70,11 @@ async def run_selftest(
     if threads:
         argv += ["--threads", str(threads)]
     started = time.time()
+    if shutil.which(str(python)) is None:
+        return SelfTestResult(False, {"ok": False, "error": f"cannot run {python}: not found"})
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *dies_with_us(argv),  # SIGTERM to the test if the agent is killed
             env={**os.environ, **env},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -80,6 +85,10 @@ async def run_selftest(
     try:
         async with asyncio.timeout(limit_s):
             out, err = await proc.communicate()
+    except asyncio.CancelledError:  # the node is stopping: the test must not outlive it
+        proc.kill()
+        await asyncio.shield(proc.wait())
+        raise
     except TimeoutError:
         proc.kill()
         await proc.wait()

@@ -71,10 +71,11 @@ def test_crash_loop_ends_fatal_with_log_tail(make_node: Callable[..., Node]) -> 
     node = make_node(gpus=1, COMFYUI_ARGS="--no-such-flag", INSTANCE_START_RETRIES="2").start()
 
     def fatal() -> dict | None:
+        # The log tail is read from supervisord right after the FATAL event lands.
         _code, body = node.instance(0)
-        return body if body["state"] == "FATAL" else None
+        return body if body["state"] == "FATAL" and body["log_tail"] else None
 
-    body = wait_until(fatal, 30, "instance FATAL")
+    body = wait_until(fatal, 30, "instance FATAL with its log tail")
     assert body["status"] == "failed" and not body["ready"]
     assert "FATAL" in body["reasons"][0]
     assert "unrecognized arguments: --no-such-flag" in body["reasons"][0]
