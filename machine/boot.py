@@ -136,16 +136,10 @@ async def run_node(
         with contextlib.suppress(asyncio.CancelledError):
             controller, tasks = await boot
         if on_ready is not None and controller is not None:
-            tasks.append(asyncio.create_task(_notify_when_ready(state, on_ready)))
+            tasks.append(asyncio.create_task(_notify_when_ready(state, on_ready), name="ready"))
         if controller is not None:
-            supervise = asyncio.create_task(controller.run(), name="reconcile")
-            tasks.append(supervise)
-            await asyncio.wait({stop_wait, supervise}, return_when=asyncio.FIRST_COMPLETED)
-            if supervise.done() and supervise.exception() is not None:
-                exc = supervise.exception()
-                log.error("supervision failed", extra={"fields": {"error": str(exc)}})
-                state.set_phase(Phase.FAILED, str(exc), "supervise")
-                code = 1
+            tasks.append(asyncio.create_task(controller.run(), name="reconcile"))
+            code = await _supervise(tasks, stop_wait, state)
         else:
             await stop_wait  # failed boot: keep health up so operators can read why
         stop_wait.cancel()
@@ -161,6 +155,26 @@ async def run_node(
         await runner.cleanup()
         log.info("stopped")
     return code
+
+
+async def _supervise(
+    tasks: list[asyncio.Task[None]], stop_wait: asyncio.Future[bool], state: MachineState
+) -> int:
+    """Until stop: every background task is watched; one that dies (supervisord gone, a bug
+    in a prober or the sampler) fails the node loudly instead of leaving it half-served."""
+    watched: set[asyncio.Future[object]] = {stop_wait, *tasks}
+    while not stop_wait.done():
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {stop_wait}:
+            watched.discard(task)
+            if task.cancelled() or task.exception() is None:
+                continue  # finished its job (e.g. the ready notice)
+            exc = task.exception()
+            log.error("background task failed", exc_info=exc,
+                      extra={"fields": {"task": task.get_name(), "error": str(exc)}})
+            state.set_phase(Phase.FAILED, f"{task.get_name()}: {exc}", task.get_name())
+            return 1
+    return 0
 
 
 async def _boot(

@@ -10,6 +10,8 @@ import os
 import signal
 import time
 
+import psutil
+
 from machine.errors import SupervisorError
 from machine.state import InstanceState, MachineState
 from services.plan import NodePlan
@@ -265,6 +267,31 @@ class InstanceController:
         finally:
             watcher.cancel()
 
+    async def _stop_orphans(self) -> None:
+        """Instances that outlived supervisord (it was killed): SIGINT their process groups,
+        as supervisord would, then SIGKILL what is left after the stop timeout."""
+        groups = []
+        for inst in self.state.instances.values():
+            if inst.pid is None:
+                continue
+            try:
+                if os.getpgid(inst.pid) == inst.pid:  # still the group leader we started
+                    groups.append(psutil.Process(inst.pid))
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                continue
+        if not groups:
+            return
+        log.warning("stopping instances orphaned by supervisord",
+                    extra={"fields": {"pids": [p.pid for p in groups]}})
+        for proc in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGINT)
+        _, alive = await asyncio.to_thread(psutil.wait_procs, groups,
+                                           self.plan.policy.stop_timeout)
+        for proc in groups:
+            kill_leftovers(proc.pid)
+        await asyncio.to_thread(psutil.wait_procs, alive, 5)
+
     async def stop(self) -> None:
         """Stop every instance, then supervisord; release the event socket and pidfds."""
         for task in list(self._tasks):
@@ -272,6 +299,7 @@ class InstanceController:
         for name in list(self._watched):
             self._unwatch(name)
         await self.supervisord.stop()
+        await self._stop_orphans()
         self.state.supervisor_up = False
         self.state.changed()
         self._receiver.close()

@@ -297,3 +297,18 @@ def test_boot_killed_during_install_is_repaired_by_the_next(
     assert steps["install.py slow_node"]["status"] == "done"
     assert install["custom_nodes"][0]["status"] == "ok", install["custom_nodes"][0]["error"]
     assert (node.workspace / "comfy-machine.lock").exists()
+
+
+def test_supervisord_killed_fails_the_agent_and_leaves_no_instance(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node(gpus=2).start()
+    body = node.wait_ready()
+    instances = [psutil.Process(i["pid"]) for i in body["instances"]]
+    supervisord = next(p for p in node.tree() if "supervisord" in " ".join(p.cmdline()))
+    supervisord.kill()
+    assert node.proc is not None
+    assert node.proc.wait(30) == 1  # the agent cannot supervise: it says so and exits
+    _, alive = psutil.wait_procs(instances, timeout=10)
+    assert alive == [], "instances orphaned by supervisord outlived the agent"
+    assert "supervisord exited unexpectedly" in node.log()
