@@ -13,7 +13,7 @@ import time
 import psutil
 
 from machine.errors import SupervisorError
-from machine.state import InstanceState, MachineState
+from machine.state import InstanceState, MachineState, Phase
 from services.plan import NodePlan
 from services.ports import port_in_use
 from services.supervisor.daemon import Supervisord
@@ -110,10 +110,10 @@ class InstanceController:
                     )
                 return
             except SupervisorError as exc:
-                log.warning(
-                    "cannot refresh process",
-                    extra={"fields": {"instance": name, "error": str(exc)}},
-                )
+                # While the node stops, supervisord going away under a refresh is expected.
+                level = logging.DEBUG if self.state.phase is Phase.STOPPING else logging.WARNING
+                log.log(level, "cannot refresh process",
+                        extra={"fields": {"instance": name, "error": str(exc)}})
                 return
             await self._apply(self._by_name[name], info)
 
