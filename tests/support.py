@@ -155,19 +155,24 @@ class Node:
 
     def kill_everything(self) -> None:
         """Teardown: no test leaves a process behind, whatever happened."""
-        if self.proc is None:
-            return
-        try:
-            procs = self.tree()
-        except psutil.NoSuchProcess:
-            procs = []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(15)
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.proc is not None:
+            kill_process_tree(self.proc)
+
+
+def kill_process_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``proc`` and wait; then SIGKILL it and everything that was under it."""
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+    for leftover in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leftover.kill()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import psutil
 import pytest
 
 from tests.ship.recipes import ENTRYPOINT, path_with_venv
-from tests.support import free_port_range, http_json, short_tmpdir, wait_until
+from tests.support import free_port_range, http_json, kill_process_tree, short_tmpdir, wait_until
 
 
 def gone(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -50,20 +49,7 @@ class Run:
         return [root, *root.children(recursive=True)]
 
     def kill_tree(self) -> None:
-        try:
-            procs = self.tree()
-        except psutil.NoSuchProcess:
-            procs = []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(15)
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        kill_process_tree(self.proc)
 
 
 class Site:
