@@ -147,7 +147,7 @@ def test_warm_boot_skips_install_and_comes_back(make_node: Callable[..., Node]) 
 SPAWNING_NODE = """
 import subprocess, sys
 from pathlib import Path
-CHILD = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"
+CHILD = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.pause()"
 child = subprocess.Popen([sys.executable, "-c", CHILD])
 Path("child.pid").write_text(str(child.pid))
 NODE_CLASS_MAPPINGS = {}
@@ -255,12 +255,12 @@ def _toml(tmp_path: Path, url: str) -> Path:
 
 # install.py that blocks on its first run only, so a boot can be killed in the middle of it.
 BLOCKING_INSTALL = """
-import time
+import signal
 from pathlib import Path
 Path("install-started").write_text("x")
 if not Path("ran-once").exists():
     Path("ran-once").write_text("x")
-    time.sleep(600)
+    signal.pause()  # until killed
 """
 
 

@@ -55,7 +55,7 @@ def test_reap_group_kills_only_the_instances_group() -> None:
     import sys
 
     leftover = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+        [sys.executable, "-c", "import signal; signal.pause()"], start_new_session=True
     )  # a group leader, as supervisord makes
     try:
         payload = {"groupname": "other", "pid": str(leftover.pid)}
