@@ -4,13 +4,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +16,7 @@ from prometheus_client.registry import Collector
 from health import checks
 from health.metrics import MachineCollector, Snapshot, process_collectors, registry_of
 from machine.state import MachineState, Phase
+from services.logfile import lines_after, tail_lines
 
 MAX_WAIT_S = 600.0
 # A fleet of workers reconnects at once after a restart: 128 pending connections overflow and
@@ -30,11 +27,6 @@ COLLECTOR_KEY = web.AppKey("collector", MachineCollector)
 PROCESS_COLLECTORS_KEY = web.AppKey("process_collectors", list[Collector])
 DEFAULT_TAIL_LINES = 100
 MAX_TAIL_LINES = 1000
-# Bounds on what one log request reads, whatever the line lengths: a tail reads at most
-# MAX_TAIL_BYTES back from the end, a follow (?after=) at most MAX_FOLLOW_BYTES forward.
-MAX_TAIL_BYTES = 1024 * 1024
-MAX_FOLLOW_BYTES = 256 * 1024
-READ_BLOCK = 64 * 1024
 
 ReportFn = Callable[[MachineState, float], checks.Report]
 
@@ -84,16 +76,24 @@ def _route(report: ReportFn) -> Callable[[web.Request], Any]:
     return handler
 
 
-async def _instance(request: web.Request) -> web.Response:
+def _instance_gpu(request: web.Request) -> int | web.Response:
+    """The {gpu} of the path if the node has it; else the JSON 400 or 404 to answer."""
     raw = request.match_info["gpu"]
     try:
         gpu = int(raw)
     except ValueError:
         return _error(400, f"gpu={raw!r} is not a GPU index; use an integer such as 0")
-    state = request.app[STATE_KEY]
-    if gpu not in state.instances:
-        known = sorted(state.instances)
+    instances = request.app[STATE_KEY].instances
+    if gpu not in instances:
+        known = sorted(instances)
         return _error(404, f"no instance for gpu {gpu}; known GPUs: {known}", known_gpus=known)
+    return gpu
+
+
+async def _instance(request: web.Request) -> web.Response:
+    gpu = _instance_gpu(request)
+    if isinstance(gpu, web.Response):
+        return gpu
 
     def report(st: MachineState, now: float) -> checks.Report:
         found = checks.instance_report(st, gpu, now)
@@ -116,99 +116,6 @@ async def _metrics(request: web.Request) -> web.Response:
     )
 
 
-@dataclass(frozen=True)
-class LogChunk:
-    """Lines read from an instance's log, and where a follow-up read continues."""
-
-    lines: list[str]
-    offset: int  # end of what was read in the current file; pass back as ?after=
-    inode: int | None  # identity of the current file; a new one means it was rotated
-    truncated: bool  # the byte bound cut the read short
-
-
-def _split(data: bytes) -> list[str]:
-    return [line.rstrip("\r") for line in data.decode("utf-8", "replace").split("\n")]
-
-
-def _tail_bytes(path: Path, lines: int, budget: int) -> tuple[list[str], int, int, bool]:
-    """Up to the last ``lines`` complete lines of ``path`` reading at most ``budget`` bytes
-    back from its end; (lines, file size, inode, whether the budget cut it)."""
-    with path.open("rb") as f:
-        inode = os.fstat(f.fileno()).st_ino  # of the file read, even if it is rotated meanwhile
-        size = f.seek(0, os.SEEK_END)
-        data = b""
-        pos = size
-        # lines + 1 newlines bound ``lines`` complete lines.
-        while pos > 0 and data.count(b"\n") <= lines and size - pos < budget:
-            step = min(READ_BLOCK, pos, budget - (size - pos))
-            pos -= step
-            f.seek(pos)
-            data = f.read(step) + data
-    found = _split(data.removesuffix(b"\n")) if data else []
-    cut = pos > 0
-    if cut:
-        found = found[1:]  # the first line read is probably partial
-    return found[-lines:], size, inode, cut and len(found) < lines
-
-
-def read_log_tail(path: Path, lines: int) -> LogChunk:
-    """The last ``lines`` lines of an instance's log; the rotated ``<log>.1`` fills in when
-    the current file has fewer (supervisord just rotated it). Bounded by MAX_TAIL_BYTES."""
-    try:
-        found, size, inode, cut = _tail_bytes(path, lines, MAX_TAIL_BYTES)
-    except FileNotFoundError:
-        return LogChunk([], 0, None, False)
-    backup = path.with_name(path.name + ".1")
-    if len(found) < lines and not cut and backup.is_file():
-        with contextlib.suppress(FileNotFoundError):
-            older, _, _, cut = _tail_bytes(backup, lines - len(found), MAX_TAIL_BYTES)
-            found = older + found
-    return LogChunk(found, size, inode, cut)
-
-
-def _inode(path: Path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except FileNotFoundError:
-        return None
-
-
-def _read_forward(path: Path, offset: int, inode: int | None) -> LogChunk:
-    """Complete lines after ``offset`` (from 0 if ``path`` is another file than ``inode`` or
-    shorter than ``offset``), at most MAX_FOLLOW_BYTES; ``truncated`` means more is there."""
-    with path.open("rb") as f:
-        current = os.fstat(f.fileno())
-        if (inode is not None and current.st_ino != inode) or current.st_size < offset:
-            offset = 0
-        f.seek(offset)
-        data = f.read(MAX_FOLLOW_BYTES)
-    full = len(data) == MAX_FOLLOW_BYTES
-    end = data.rfind(b"\n")
-    # Keep a partial last line for the next read, unless one line fills the whole bound.
-    if end >= 0:
-        data = data[: end + 1]
-    elif not full:
-        data = b""
-    lines = _split(data.removesuffix(b"\n")) if data else []
-    return LogChunk(lines, offset + len(data), current.st_ino, full)
-
-
-def read_log_after(path: Path, offset: int, inode: int | None) -> LogChunk:
-    """Lines appended after ``offset`` of the file ``inode`` named in an earlier answer. If
-    supervisord rotated the log since, the rest of the old file (now ``<log>.1``) comes first,
-    then the new file from its start."""
-    backup = path.with_name(path.name + ".1")
-    try:
-        if inode is not None and _inode(path) != inode and _inode(backup) == inode:
-            chunk = _read_forward(backup, offset, inode)
-            if chunk.lines or chunk.truncated:
-                return chunk
-            offset, inode = 0, None  # the old file is finished: go on with the new one
-        return _read_forward(path, offset, inode)
-    except FileNotFoundError:
-        return LogChunk([], 0, None, False)
-
-
 def _int_param(request: web.Request, name: str, low: int, high: int, default: int | None) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -227,24 +134,18 @@ def _int_param(request: web.Request, name: str, low: int, high: int, default: in
 async def _instance_log(request: web.Request) -> web.Response:
     """The last ?tail=N lines of an instance's log (stdout and stderr, as supervisord keeps
     them), or with ?after=OFFSET&inode=INODE the lines appended since an earlier answer."""
-    raw = request.match_info["gpu"]
-    try:
-        gpu = int(raw)
-    except ValueError:
-        return _error(400, f"gpu={raw!r} is not a GPU index; use an integer such as 0")
-    state = request.app[STATE_KEY]
-    inst = state.instances.get(gpu)
-    if inst is None:
-        known = sorted(state.instances)
-        return _error(404, f"no instance for gpu {gpu}; known GPUs: {known}", known_gpus=known)
+    gpu = _instance_gpu(request)
+    if isinstance(gpu, web.Response):
+        return gpu
+    inst = request.app[STATE_KEY].instances[gpu]
     path = inst.plan.log_path
     if "after" in request.query:
         after = _int_param(request, "after", 0, 2**63 - 1, None)
         inode = _int_param(request, "inode", 0, 2**63 - 1, 0) if "inode" in request.query else None
-        chunk = await asyncio.to_thread(read_log_after, path, after, inode)
+        chunk = await asyncio.to_thread(lines_after, path, after, inode)
     else:
         tail = _int_param(request, "tail", 1, MAX_TAIL_LINES, DEFAULT_TAIL_LINES)
-        chunk = await asyncio.to_thread(read_log_tail, path, tail)
+        chunk = await asyncio.to_thread(tail_lines, path, tail)
     return _json(
         200,
         {

@@ -15,7 +15,6 @@ FAILED_LINE = re.compile(r"^\s+[\d.]+ seconds \(IMPORT FAILED\): (?P<path>.+?)\s
 CANNOT_IMPORT = re.compile(r"Cannot import (?P<path>.+?) module for custom nodes: (?P<error>.*)$")
 # `Skip /path/custom_nodes/x module for custom nodes due to the lack of NODE_CLASS_MAPPINGS.`
 SKIPPED = re.compile(r"Skip (?P<path>.+?) module for custom nodes due to (?P<error>.*)$")
-TAIL_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -47,18 +46,6 @@ def parse_startup_log(text: str) -> ImportResult:
             name = Path(match["path"]).name
             failures[name] = errors.get(name, "import failed (see the instance log)")
     return ImportResult(failures, complete=True)
-
-
-def read_log_tail(path: Path, limit: int = TAIL_BYTES) -> str:
-    """The end of a (possibly large, rotating) log file."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - limit))
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def modules_loaded(object_info: dict[str, Any]) -> set[str]:

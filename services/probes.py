@@ -15,7 +15,8 @@ import aiohttp
 
 from machine.state import InstanceState, MachineState, ProbeResult, SmokeResult, SmokeStatus
 from services.comfyui import PNG_SIGNATURE, ComfyApiError, ComfyClient, history_error
-from services.import_check import modules_loaded, parse_startup_log, read_log_tail
+from services.import_check import modules_loaded, parse_startup_log
+from services.logfile import read_end
 from services.models.instance_check import check_instance
 from services.supervisor.states import ProcessState
 
@@ -196,7 +197,8 @@ class InstanceProber:
         ]
         if not nodes:
             return
-        text = await asyncio.to_thread(read_log_tail, self._inst.plan.log_path)
+        # The start-up block is near the end unless the log grew a lot since: 2 MiB is plenty.
+        text = await asyncio.to_thread(read_end, self._inst.plan.log_path, 2 * 1024 * 1024)
         result = parse_startup_log(text)
         try:
             loaded = modules_loaded(await self._client.object_info())

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestClient
 
-from health.server import MAX_FOLLOW_BYTES, create_app
+from health.server import create_app
 from machine.state import InstanceState
+from services.logfile import MAX_FOLLOW_BYTES
 from tests.integration.test_cli import run_cli
 from tests.support import Node, wait_until
 from tests.unit.test_checks import instance, make_ready, node
