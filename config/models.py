@@ -83,11 +83,6 @@ class ModelSpec:
         """The model's key everywhere (health, metrics, errors): ``folder/filename``."""
         return f"{self.folder}/{self.filename}"
 
-    @property
-    def listed_folder(self) -> str:
-        """The folder ComfyUI lists this model under."""
-        return LEGACY_FOLDERS.get(self.folder, self.folder)
-
 
 def public_url(url: str) -> str:
     """The URL without credentials, query or fragment (signed URLs carry secrets there)."""

@@ -282,6 +282,7 @@ def gpu_body(state: MachineState, uuid: str) -> dict[str, Any] | None:
 
 
 def reported_phase(state: MachineState, now: float) -> str:
+    """The phase every body reports: once instances run, READY/DEGRADED/FAILED from them."""
     return node_report(state, now)[1]["phase"]
 
 
@@ -296,13 +297,6 @@ def instance_report(state: MachineState, gpu: int, now: float) -> Report | None:
     if state.phase in BOOT_PHASES and not body["ready"]:
         body["reasons"] = _boot_reasons(state) + body["reasons"]
     return (200 if body["accepting"] else 503), {**body, "phase": phase}
-
-
-def public_phase(state: MachineState, now: float) -> str:
-    """The phase bodies report: once instances run, READY/DEGRADED/FAILED from them."""
-    if state.phase is not Phase.RUNNING:
-        return state.phase.value
-    return node_report(state, now)[1]["phase"]
 
 
 def installation_report(state: MachineState, now: float) -> Report:
@@ -343,7 +337,7 @@ def installation_report(state: MachineState, now: float) -> Report:
     ]
     reasons = [f"install step {s.name} failed: {s.error}" for s in failed]
     extra = {"steps": steps, "custom_nodes": nodes}
-    phase = public_phase(state, now)
+    phase = reported_phase(state, now)
     if failed or required_failed:
         return 503, _body(
             "failed", state.phase, reasons + required_failed + optional_failed, **extra
@@ -372,5 +366,5 @@ def models_report(state: MachineState, now: float | None = None) -> Report:
 def livez_report(state: MachineState, now: float) -> Report:
     """/livez: the agent answers and, once started, supervisord runs. Instances do not count."""
     if state.supervisor_expected and not state.supervisor_up:
-        return 503, _body("failed", public_phase(state, now), ["supervisord is not running"])
-    return 200, _body("ready", public_phase(state, now), [])
+        return 503, _body("failed", reported_phase(state, now), ["supervisord is not running"])
+    return 200, _body("ready", reported_phase(state, now), [])
