@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config.models import ModelEntry, build_model_specs  # noqa: E402
-from machine.state import MachineState  # noqa: E402
 from services.models.fetcher import ModelFetcher  # noqa: E402
+from services.state import MachineState  # noqa: E402
 from tests.integration.test_models_server import FileServer  # noqa: E402
 
 MIB = 1 << 20

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine.errors import GpuError  # noqa: E402
+from config.errors import GpuError  # noqa: E402
 from services.gpu.nvml import FakeGpu, FakeNvml, Nvml, RealNvml  # noqa: E402
 from services.gpu.sampler import read_all  # noqa: E402
 from services.gpu.selftest import run_selftest  # noqa: E402

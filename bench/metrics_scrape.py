@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from health import checks  # noqa: E402
 from health.metrics import MachineCollector, build_registry  # noqa: E402
 from health.server import create_app  # noqa: E402
-from machine.state import CustomNodeState, GpuStatus, MachineState, StepStatus  # noqa: E402
+from services.state import CustomNodeState, GpuStatus, MachineState, StepStatus  # noqa: E402
 from tests.support import free_port_range  # noqa: E402
 from tests.unit.test_checks import instance, make_ready, node  # noqa: E402
 

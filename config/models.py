@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from machine.errors import Problem
+from config.errors import Problem
 
 MODEL_SCHEMES = ("http", "https", "file")
 SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from machine.errors import Problem
+from config.errors import Problem
 
 GIT_SCHEMES = ("https", "http", "ssh", "git", "file")
 # scp-like ssh syntax: git@github.com:owner/repo.git

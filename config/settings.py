@@ -19,9 +19,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from config.errors import ConfigError, Problem
 from config.models import ModelEntry, build_model_specs
 from config.nodes import CustomNodeEntry, CustomNodeSpec, build_specs, snapshot_nodes
-from machine.errors import ConfigError, Problem
 
 CONFIG_ENV = "MACHINE_CONFIG"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from machine.state import GpuStatus, InstanceState, MachineState, Phase, SmokeStatus, StepStatus
+from services.state import GpuStatus, InstanceState, MachineState, Phase, SmokeStatus, StepStatus
 from services.supervisor.states import ProcessState
 
 Report = tuple[int, dict[str, Any]]

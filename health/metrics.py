@@ -37,8 +37,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from health import checks
-from machine.state import GpuStatus, InstanceState, MachineState, Phase, SmokeStatus, StepStatus
 from services.gpu.policy import XID_CODES_AT_ZERO
+from services.state import GpuStatus, InstanceState, MachineState, Phase, SmokeStatus, StepStatus
 from services.supervisor.states import ProcessState
 
 PREFIX = "comfy_machine_"

@@ -15,8 +15,8 @@ from prometheus_client.registry import Collector
 
 from health import checks
 from health.metrics import MachineCollector, Snapshot, process_collectors, registry_of
-from machine.state import MachineState, Phase
 from services.logfile import lines_after, tail_lines
+from services.state import MachineState, Phase
 
 MAX_WAIT_S = 600.0
 # A fleet of workers reconnects at once after a restart: 128 pending connections overflow and

@@ -10,11 +10,10 @@ from collections.abc import Callable
 
 import aiohttp
 
+from config.errors import InstallError, MachineError
 from config.settings import Settings, custom_node_specs
 from health.checks import node_report
 from health.server import start_health_server
-from machine.errors import InstallError, MachineError
-from machine.state import CustomNodeState, InstanceState, MachineState, Phase, StepStatus
 from services.gpu.guard import prepare_gpus
 from services.gpus import GpuInventory
 from services.install.installer import (
@@ -27,6 +26,7 @@ from services.instances import InstanceController
 from services.models.step import fetch_background, models_step
 from services.plan import NodePlan, make_plan
 from services.probes import InstanceProber, ProbeSettings
+from services.state import CustomNodeState, InstanceState, MachineState, Phase, StepStatus
 
 log = logging.getLogger(__name__)
 

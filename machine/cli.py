@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from config.errors import ConfigError, MachineError
 from config.settings import Settings, custom_node_specs, load_settings
-from machine.errors import ConfigError, MachineError
 from machine.logs import setup_logging
 from services.gpus import GpuInventory, NvmlInventory
 from services.plan import NodePlan

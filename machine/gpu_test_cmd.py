@@ -8,12 +8,12 @@ import json
 import sys
 from typing import TextIO
 
+from config.errors import ConfigError, Problem
 from config.settings import Settings
-from machine.errors import ConfigError, Problem
-from machine.state import InstanceState
 from services.gpu.guard import nvml_for, selftest_instance
 from services.gpu.selftest import SelfTestResult
 from services.plan import NodePlan
+from services.state import InstanceState
 
 
 def _driver(settings: Settings, plan: NodePlan) -> str:

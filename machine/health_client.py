@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from machine.errors import HealthClientError
+from config.errors import HealthClientError
 
 # Per request: the server holds ?wait= requests at most this long, then we ask again.
 WAIT_CHUNK_S = 30.0

@@ -13,14 +13,14 @@ import threading
 import time
 from typing import TextIO
 
+from config.errors import InstallError
 from config.settings import Settings
 from machine.boot import install_inputs
-from machine.errors import InstallError
-from machine.state import StepStatus
 from services.import_check import parse_startup_log
 from services.install.installer import Installer, InstallReport
 from services.models.extra_paths import write_extra_model_paths
 from services.plan import NodePlan
+from services.state import StepStatus
 from services.supervisor.launch import dies_with_us
 
 MARKS = {

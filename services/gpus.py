@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from machine.errors import GpuError
+from config.errors import GpuError
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import time
 
 import psutil
 
-from machine.errors import SupervisorError
-from machine.state import InstanceState, MachineState, Phase
+from config.errors import SupervisorError
 from services.plan import NodePlan
 from services.ports import port_in_use
+from services.state import InstanceState, MachineState, Phase
 from services.supervisor.daemon import Supervisord
 from services.supervisor.events import EventReceiver, ProcessEvent
 from services.supervisor.rpc import ProcessInfo, RpcFault

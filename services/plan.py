@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config.errors import ConfigError, Problem
 from config.settings import Settings, check_ports
-from machine.errors import ConfigError, Problem
 from services.gpus import Gpu, cpu_slots
 from services.models.extra_paths import render_extra_model_paths
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import aiohttp
 
-from machine.state import InstanceState, MachineState, ProbeResult, SmokeResult, SmokeStatus
 from services.comfyui import PNG_SIGNATURE, ComfyApiError, ComfyClient, history_error
 from services.import_check import modules_loaded, parse_startup_log
 from services.logfile import read_end
 from services.models.instance_check import check_instance
+from services.state import InstanceState, MachineState, ProbeResult, SmokeResult, SmokeStatus
 from services.supervisor.states import ProcessState
 
 log = logging.getLogger(__name__)

@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 
 from config.settings import Settings
-from machine.state import GpuStatus, InstanceState, MachineState
 from services.gpu.nvml import FakeNvml, Nvml, RealNvml
 from services.gpu.policy import GpuPolicy
 from services.gpu.sampler import GpuSampler
 from services.gpu.selftest import SelfTestResult, cached_pass, run_selftest, store
 from services.plan import NodePlan
+from services.state import GpuStatus, InstanceState, MachineState
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from machine.errors import GpuError
+from config.errors import GpuError
 from services.gpus import NO_DRIVER_HINT, Gpu
 
 # NVML clock-event ("throttle") reason bits, by name (nvml.h nvmlClocksEventReason*).

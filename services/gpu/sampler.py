@@ -9,10 +9,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from machine.errors import GpuError
-from machine.state import GpuStatus, MachineState
+from config.errors import GpuError
 from services.gpu.nvml import GpuSample, Inventory, Nvml, XidEvent
 from services.gpu.policy import GpuPolicy, evaluate
+from services.state import GpuStatus, MachineState
 
 log = logging.getLogger(__name__)
 

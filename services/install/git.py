@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import git
 
-from machine.errors import InstallError
+from config.errors import InstallError
 
 log = logging.getLogger(__name__)
 

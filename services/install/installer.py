@@ -16,14 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config.errors import InstallError
 from config.nodes import CustomNodeSpec
-from machine.errors import InstallError
-from machine.state import CustomNodeState, StepStatus
 from services.files import atomic_write_text
 from services.install import pyenv
 from services.install.git import CheckoutResult, checkout_intact, ensure_checkout, resolve_ref
 from services.install.lock import Lock, LockedNode, LockedRepo, digest, read_lock, write_lock
 from services.install.requirements import RequirementsFile, check_requirements
+from services.state import CustomNodeState, StepStatus
 from services.supervisor.launch import dies_with_us
 
 log = logging.getLogger(__name__)

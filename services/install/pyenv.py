@@ -13,7 +13,7 @@ from pathlib import Path
 
 import uv
 
-from machine.errors import InstallError
+from config.errors import InstallError
 from services.install.requirements import normalize
 from services.supervisor.launch import dies_with_us
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from machine.errors import Problem
+from config.errors import Problem
 
 # Lines uv understands that are not PEP 508 requirements.
 PASS_THROUGH = ("-r ", "-c ", "-e ", "--", "git+", "http://", "https://", "file:")

@@ -10,10 +10,10 @@ import time
 from typing import TextIO
 
 from config.settings import Settings
-from machine.state import MachineState
 from services.models.extra_paths import render_extra_model_paths, write_extra_model_paths
 from services.models.report import model_body
 from services.models.step import make_fetcher
+from services.state import MachineState
 
 REDRAW_S = 0.5
 

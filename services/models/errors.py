@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from machine.errors import MachineError
+from config.errors import MachineError
 
 
 class ModelError(MachineError):

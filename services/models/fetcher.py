@@ -15,11 +15,11 @@ from pathlib import Path
 import aiohttp
 
 from config.models import ModelSpec, public_url
-from machine.state import MachineState, ModelState
 from services.models.download import CHUNK, FetchOptions, fetch_model
 from services.models.errors import ModelError
 from services.models.paths import destination
 from services.models.record import VerifiedRecord
+from services.state import MachineState, ModelState
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 
 from config.models import LEGACY_FOLDERS
-from machine.state import InstanceState, MachineState
 from services.comfyui import ComfyApiError, ComfyClient
 from services.models.workflows import WorkflowRef
+from services.state import InstanceState, MachineState
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from machine.state import InstanceState, MachineState, ModelState
+from services.state import InstanceState, MachineState, ModelState
 
 
 def _pct(done: int, total: int | None) -> str:

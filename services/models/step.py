@@ -8,13 +8,13 @@ from pathlib import Path
 
 from config.models import model_specs
 from config.settings import Settings
-from machine.state import MachineState
 from services.models.download import FetchOptions
 from services.models.errors import ModelError
 from services.models.extra_paths import write_extra_model_paths
 from services.models.fetcher import ModelFetcher
 from services.models.instance_check import needs_check
 from services.models.workflows import read_workflows
+from services.state import MachineState
 
 log = logging.getLogger(__name__)
 

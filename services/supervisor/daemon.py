@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from machine.errors import SupervisorError
+from config.errors import SupervisorError
 from services.files import atomic_write_text
 from services.plan import NodePlan
 from services.supervisor.conf import render_conf

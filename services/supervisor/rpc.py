@@ -10,7 +10,7 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from machine.errors import SupervisorError
+from config.errors import SupervisorError
 from services.supervisor.states import Fault, ProcessState
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import git
 import pytest
 
-from machine.errors import InstallError
+from config.errors import InstallError
 from services.install.git import ensure_checkout
 
 AUTHOR = git.Actor("test", "test@example.invalid")

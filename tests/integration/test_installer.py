@@ -10,12 +10,12 @@ from pathlib import Path
 import git
 import pytest
 
+from config.errors import InstallError
 from config.nodes import CustomNodeSpec
-from machine.errors import InstallError
-from machine.state import StepStatus
 from services.install import pyenv
 from services.install.installer import Installer, InstallInputs
 from services.install.lock import read_lock
+from services.state import StepStatus
 from tests.packages import build_wheel
 
 AUTHOR = git.Actor("test", "test@example.invalid")

@@ -20,8 +20,8 @@ from pathlib import Path
 from aiohttp.test_utils import TestClient
 
 from health.server import create_app
-from machine.state import InstanceState
 from services.logfile import MAX_FOLLOW_BYTES
+from services.state import InstanceState
 from tests.integration.test_cli import run_cli
 from tests.support import Node, wait_until
 from tests.unit.test_checks import instance, make_ready, node

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from config.models import ModelEntry, build_model_specs
-from machine.state import MachineState
 from services.models.download import FetchOptions
 from services.models.fetcher import ModelFetcher
 from services.models.report import models_report
+from services.state import MachineState
 from tests.integration.test_models_server import FileServer
 from tests.support import short_tmpdir
 

@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from health import checks
-from machine.state import (
+from services.plan import InstancePlan
+from services.state import (
     InstanceState,
     MachineState,
     Phase,
@@ -12,7 +13,6 @@ from machine.state import (
     SmokeStatus,
     StepStatus,
 )
-from services.plan import InstancePlan
 from services.supervisor.states import ProcessState
 
 NOW = 1_000_000.0
@@ -201,7 +201,7 @@ def test_every_body_has_status_phase_reasons() -> None:
 
 
 def test_failed_custom_nodes_degrade_or_fail_the_node() -> None:
-    from machine.state import CustomNodeState
+    from services.state import CustomNodeState
 
     state = node(make_ready(instance(0)))
     state.custom_nodes["extra"] = CustomNodeState(
@@ -226,7 +226,7 @@ def test_installation_reports_the_public_phase() -> None:
 
 
 def test_downloading_phase_says_how_far() -> None:
-    from machine.state import ModelState
+    from services.state import ModelState
 
     state = node(instance(0), phase=Phase.DOWNLOADING)
     state.models["vae/a.safetensors"] = ModelState(

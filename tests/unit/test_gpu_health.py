@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from health import checks
-from machine.state import GpuStatus
+from services.state import GpuStatus
 from tests.unit.test_checks import NOW, instance, make_ready, node
 
 REASON = "GPU 1 (GPU-1) quarantined: Xid 79 (GPU has fallen off the bus): fell off the bus"

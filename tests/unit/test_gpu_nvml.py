@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from config.errors import ConfigError, GpuError
 from config.settings import load_settings
-from machine.errors import ConfigError, GpuError
 from services.gpu.nvml import FakeGpu, FakeNvml, RealNvml, throttle_names
 from services.gpus import Gpu
 from services.plan import make_plan

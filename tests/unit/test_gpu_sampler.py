@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from machine.state import MachineState
 from services.gpu.nvml import FakeGpu, FakeNvml
 from services.gpu.policy import GpuPolicy
 from services.gpu.sampler import GpuSampler
+from services.state import MachineState
 
 
 async def test_sampler_fills_state_and_quarantines_once() -> None:

@@ -95,9 +95,9 @@ def test_gpu_test_command_in_cpu_mode(tmp_path: Path) -> None:
 @needs_torch
 async def test_a_pass_is_cached_per_gpu_and_driver(tmp_path: Path) -> None:
     from config.settings import load_settings
-    from machine.state import InstanceState
     from services.gpu.guard import selftest_instance
     from services.plan import make_plan
+    from services.state import InstanceState
 
     settings = load_settings(
         {

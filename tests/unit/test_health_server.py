@@ -8,7 +8,7 @@ import time
 from aiohttp.test_utils import TestClient
 
 from health.server import create_app
-from machine.state import MachineState, Phase
+from services.state import MachineState, Phase
 from tests.unit.test_checks import instance, make_ready, node
 
 

@@ -21,7 +21,7 @@ from prometheus_client.samples import Sample
 
 from health.metrics import DCGM_LABELS, XID_CODES_AT_ZERO, MachineCollector, build_registry
 from health.server import create_app
-from machine.state import CustomNodeState, GpuStatus, MachineState, Phase, StepStatus
+from services.state import CustomNodeState, GpuStatus, MachineState, Phase, StepStatus
 from services.supervisor.states import ProcessState
 from tests.unit.test_checks import instance, make_ready, node
 

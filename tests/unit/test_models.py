@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.registry import CollectorRegistry
 
+from config.errors import ConfigError
 from config.models import ModelEntry, build_model_specs
 from config.settings import load_settings
 from health import checks
 from health.metrics import MachineCollector
-from machine.errors import ConfigError
 from machine.standin.comfyui import model_paths
-from machine.state import MachineState, ModelState
 from services.gpus import cpu_slots
 from services.models.extra_paths import render_extra_model_paths
 from services.models.fetcher import register_models
@@ -22,6 +21,7 @@ from services.models.instance_check import combo_choices
 from services.models.paths import destination
 from services.models.workflows import WorkflowError, WorkflowRef, parse_workflow
 from services.plan import make_plan
+from services.state import MachineState, ModelState
 from tests.unit.test_checks import NOW, instance, make_ready, node
 
 SHA = "a" * 64

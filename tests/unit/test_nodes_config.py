@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from config.errors import ConfigError
 from config.nodes import CustomNodeEntry, build_specs, parse_env_list, snapshot_nodes
 from config.settings import custom_node_specs, load_settings
-from machine.errors import ConfigError
 
 
 def test_env_list_with_refs() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from config.errors import ConfigError
 from config.settings import load_settings
-from machine.errors import ConfigError
 from services.gpus import FakeInventory, Gpu, NvmlInventory
 from services.plan import make_plan
 from services.supervisor.conf import render_conf

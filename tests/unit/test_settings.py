@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from config.errors import ConfigError
 from config.settings import load_settings
-from machine.errors import ConfigError
 
 
 def problems(env: dict[str, str]) -> list[str]:
