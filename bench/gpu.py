@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config.errors import GpuError  # noqa: E402
-from services.gpu.nvml import FakeGpu, FakeNvml, Nvml, RealNvml  # noqa: E402
+from services.gpu.fake import FakeGpu, FakeNvml  # noqa: E402
+from services.gpu.interface import Nvml, list_gpus  # noqa: E402
+from services.gpu.nvml import RealNvml  # noqa: E402
 from services.gpu.sampler import read_all  # noqa: E402
 from services.gpu.selftest import run_selftest  # noqa: E402
 
@@ -51,7 +53,7 @@ def selftest_times(python: str) -> list[dict[str, object]]:
     rows = []
     devices: list[tuple[str, dict[str, str], str]] = [("cpu", {}, "small"), ("cpu", {}, "full")]
     try:
-        gpus = RealNvml().list_gpus()
+        gpus = list_gpus(RealNvml())
     except GpuError:
         gpus = []
     devices += [("cuda", {"CUDA_VISIBLE_DEVICES": g.uuid}, "full") for g in gpus]

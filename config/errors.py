@@ -43,9 +43,24 @@ class InstallError(MachineError):
     """Installing ComfyUI or a custom node failed."""
 
 
+class DiskFullError(MachineError):
+    """Not enough free disk: too little before starting (the numbers are in the message) or
+    the disk filled up while writing (ENOSPC)."""
+
+
 class SupervisorError(MachineError):
     """supervisord could not be started or did not answer."""
 
 
+class LogFileRefused(MachineError):
+    """An instance log path that is not a regular file (a symlink, a FIFO): never read."""
+
+
 class HealthClientError(MachineError):
     """The health server of a running node could not be reached or answered oddly."""
+
+
+class WorkspaceBusy(MachineError):
+    """Another live comfy-machine process owns the workspace (holds its owner lock)."""
+
+    exit_code = 2

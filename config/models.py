@@ -18,6 +18,13 @@ from config.errors import Problem
 
 MODEL_SCHEMES = ("http", "https", "file")
 SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+# The names the store writes for itself: a model's ``<file>.part`` and ``<file>.part.json``
+# beside it while downloading, and the verified record. A manifest entry with one of these
+# names would share a file with the store's own bookkeeping (``x.bin.part`` is x.bin's
+# partial download), so such a name is refused.
+RECORD_NAME = ".comfy-machine-verified.json"
+PART_SUFFIXES = (".part", ".part.json")
 SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # ComfyUI 0.3.64's model folder types, plus the legacy names it still accepts.
@@ -83,6 +90,11 @@ class ModelSpec:
         """The model's key everywhere (health, metrics, errors): ``folder/filename``."""
         return f"{self.folder}/{self.filename}"
 
+    @property
+    def verifiable(self) -> bool:
+        """The manifest gives a sha256 or a size to check the file against."""
+        return self.sha256 is not None or self.size is not None
+
 
 def public_url(url: str) -> str:
     """The URL without credentials, query or fragment (signed URLs carry secrets there)."""
@@ -106,6 +118,13 @@ def _check_filename(filename: str) -> str | None:
     parts = filename.split("/")
     if any(part in ("", ".", "..") for part in parts):
         return "must stay inside its folder: no '..', '.' or empty path parts"
+    for part in parts:
+        if part.lower() == RECORD_NAME or part.lower().endswith(PART_SUFFIXES):
+            return (
+                f"{part!r} is a name the model store uses for itself (a partial download "
+                f"'<file>.part' with its '<file>.part.json', or the record {RECORD_NAME}); "
+                "set `filename` to another name"
+            )
     return None
 
 
@@ -152,6 +171,16 @@ def build_model_specs(
         filename = posixpath.normpath(filename)
         if entry.sha256 is not None and not SHA256.match(entry.sha256):
             problem("sha256", repr(entry.sha256), "must be 64 hexadecimal characters")
+            continue
+        if entry.sha256 is not None and entry.sha256.lower() == EMPTY_SHA256:
+            problem(
+                "sha256",
+                repr(entry.sha256),
+                "is the sha256 of an empty file; a model is never empty",
+            )
+            continue
+        if entry.size == 0:
+            problem("size", "0", "must be the file's size in bytes; a model is never empty")
             continue
         if entry.auth_env is not None and not ENV_NAME.match(entry.auth_env):
             problem(

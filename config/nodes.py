@@ -8,15 +8,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from config.errors import Problem
+from config.git_input import GitAuth, redact_urls, ref_problem, split_userinfo, url_problem
+from config.models import ENV_NAME
 
-GIT_SCHEMES = ("https", "http", "ssh", "git", "file")
-# scp-like ssh syntax: git@github.com:owner/repo.git
-SCP_URL = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -30,6 +28,9 @@ class CustomNodeEntry(BaseModel):
     name: str | None = None
     required: bool = False
     enabled: bool = True
+    auth_env: str | None = Field(
+        None, description="environment variable holding a token for a private repository"
+    )
 
 
 @dataclass(frozen=True)
@@ -37,21 +38,11 @@ class CustomNodeSpec:
     """A custom node to install under ``custom_nodes/<name>``."""
 
     name: str
-    url: str
+    url: str  # without credentials: shown in health, the lock, logs (see build_node_auth)
     ref: str  # "HEAD" when none was given: resolved to a commit and recorded in the lock
     required: bool
     enabled: bool
     source: str  # where it was declared, for error messages
-
-
-def is_git_url(url: str) -> bool:
-    """A URL git can clone: https/http/ssh/git/file schemes, or scp-like ``user@host:path``."""
-    if SCP_URL.match(url):
-        return True
-    parsed = urlparse(url)
-    return parsed.scheme in GIT_SCHEMES and bool(parsed.path.strip("/")) and (
-        parsed.scheme == "file" or bool(parsed.netloc)
-    )
 
 
 def name_from_url(url: str) -> str:
@@ -106,7 +97,26 @@ def build_specs(
     env_text: str, toml_entries: list[CustomNodeEntry], snapshot_entries: list[CustomNodeEntry],
     snapshot_source: str = "custom_nodes_snapshot",
 ) -> tuple[list[CustomNodeSpec], list[Problem]]:
-    """Merge the three inputs (env wins over TOML over snapshot, matched by name) and validate."""
+    """Merge the three inputs (env wins over TOML over snapshot, matched by name) and validate.
+
+    A spec's URL carries no credentials; build_node_auth has them."""
+    specs, problems, _ = _build(env_text, toml_entries, snapshot_entries, snapshot_source)
+    return specs, problems
+
+
+def build_node_auth(
+    env_text: str, toml_entries: list[CustomNodeEntry], snapshot_entries: list[CustomNodeEntry],
+    snapshot_source: str = "custom_nodes_snapshot",
+) -> dict[str, GitAuth]:
+    """Node name -> the credentials its git URL was given with (userinfo) or its auth_env,
+    for the nodes that have any. Kept apart from the specs, which are shown."""
+    return _build(env_text, toml_entries, snapshot_entries, snapshot_source)[2]
+
+
+def _build(
+    env_text: str, toml_entries: list[CustomNodeEntry], snapshot_entries: list[CustomNodeEntry],
+    snapshot_source: str,
+) -> tuple[list[CustomNodeSpec], list[Problem], dict[str, GitAuth]]:
     declared: list[tuple[str, CustomNodeEntry]] = [
         (snapshot_source, e) for e in snapshot_entries
     ] + [(f"custom_nodes[{i}]", e) for i, e in enumerate(toml_entries)] + [
@@ -116,11 +126,23 @@ def build_specs(
     problems: list[Problem] = []
     by_name: dict[str, CustomNodeSpec] = {}
     origin: dict[str, str] = {}
-    for source, entry in declared:
-        if not is_git_url(entry.url):
-            problems.append(Problem(source, entry.url,
-                                    "not a git URL; use https://host/owner/repo(.git), "
-                                    "git@host:owner/repo.git or file:///path"))
+    auth: dict[str, GitAuth] = {}
+    for source, raw_entry in declared:
+        # Credentials in the URL never go further than here: the spec gets the URL without.
+        url, userinfo = split_userinfo(raw_entry.url)
+        entry = raw_entry.model_copy(update={"url": url})
+        bad_url = url_problem(entry.url)
+        if bad_url:
+            problems.append(Problem(source, redact_urls(raw_entry.url), bad_url))
+            continue
+        if entry.auth_env is not None and not ENV_NAME.match(entry.auth_env):
+            problems.append(Problem(f"{source} auth_env", entry.auth_env,
+                                    "must be an environment variable name (letters, digits, "
+                                    "'_'; not starting with a digit)"))
+            continue
+        bad_ref = ref_problem(entry.ref) if entry.ref is not None else None
+        if bad_ref:
+            problems.append(Problem(f"{source} ref", entry.ref or "", bad_ref))
             continue
         name = entry.name or name_from_url(entry.url)
         if not SAFE_NAME.match(name) or name in (".", ".."):
@@ -140,4 +162,7 @@ def build_specs(
             continue
         by_name[name] = spec  # a later source (env over TOML over snapshot) wins
         origin[name] = source
-    return list(by_name.values()), problems
+        auth.pop(name, None)
+        if userinfo or entry.auth_env:
+            auth[name] = GitAuth(userinfo=userinfo, token_env=entry.auth_env)
+    return list(by_name.values()), problems, auth

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import logging
 import os
 import tomllib
 import typing
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,10 +21,32 @@ from pydantic_settings import (
 )
 
 from config.errors import ConfigError, Problem
-from config.models import ModelEntry, build_model_specs
-from config.nodes import CustomNodeEntry, CustomNodeSpec, build_specs, snapshot_nodes
+from config.git_input import GitAuth, redact_urls, ref_problem, url_problem
+from config.models import ENV_NAME, ModelEntry, build_model_specs
+from config.nodes import (
+    CustomNodeEntry,
+    CustomNodeSpec,
+    build_node_auth,
+    build_specs,
+    snapshot_nodes,
+)
 
 CONFIG_ENV = "MACHINE_CONFIG"
+# Settings whose value an error message must never show.
+SECRET_FIELDS = frozenset({"machine_health_token"})
+MIN_TOKEN_LENGTH = 16
+# More instances than any machine has GPUs is a typo; the limit keeps the port checks sane.
+MAX_GPUS = 64
+# Paths the instances use from their own working directory (the install path) or that go into
+# files they read: a relative one is resolved against the agent's current directory.
+RESOLVED_PATH_FIELDS = (
+    "machine_workspace",
+    "comfyui_install_path",
+    "comfyui_models_path",
+    "comfyui_python",
+)
+
+log = logging.getLogger(__name__)
 
 
 class Settings(BaseSettings):
@@ -41,7 +64,9 @@ class Settings(BaseSettings):
     num_gpus: int | None = Field(
         None,
         ge=0,
-        description="a whole number >= 1; unset means every GPU found (1 in CPU mode)",
+        le=MAX_GPUS,
+        description=f"a whole number >= 1 and <= {MAX_GPUS}; unset means every GPU found "
+        "(1 in CPU mode)",
     )
     comfyui_cpu_only: bool = Field(False, description="true or false")
     comfyui_port_start: int = Field(8188, ge=1, le=65535, description="a TCP port, 1-65535")
@@ -65,7 +90,7 @@ class Settings(BaseSettings):
     )
     custom_nodes: list[CustomNodeEntry] = Field(
         default_factory=list, description="[[custom_nodes]] tables with url, ref, name, "
-        "required, enabled"
+        "required, enabled, auth_env"
     )
     custom_nodes_snapshot: Path | None = Field(
         None, description="a ComfyUI-Manager snapshot file (.json or .yaml)"
@@ -82,6 +107,19 @@ class Settings(BaseSettings):
         600.0, gt=0, description="seconds a custom node's install.py may run, > 0"
     )
     install_workers: int = Field(4, ge=1, le=32, description="parallel git clones, 1-32")
+    git_timeout: float = Field(
+        120.0, gt=0, le=3600,
+        description="seconds a git transfer may make no progress (under 1 KB/s) before it is "
+        "aborted, > 0 and <= 3600; each git command is also bounded by 10 times this",
+    )
+    git_retries: int = Field(
+        2, ge=0, le=10, description="retries of a git command that failed transiently, 0-10"
+    )
+    instance_pass_env: list[str] = Field(
+        default_factory=list,
+        description="names of secret environment variables (auth_env of custom nodes and "
+        "models) that ComfyUI instances still inherit, comma-separated",
+    )
     install_min_free_gb: float = Field(
         5.0, ge=0, description="GiB that must be free in the workspace before installing, >= 0"
     )
@@ -102,6 +140,21 @@ class Settings(BaseSettings):
     machine_workspace: Path = Field(Path("/workspace"), description="a writable directory")
     machine_health_port: int = Field(9188, ge=1, le=65535, description="a TCP port, 1-65535")
     machine_health_listen: str = Field("0.0.0.0", description="an IPv4 or IPv6 address")
+    machine_health_idle_timeout: float = Field(
+        30.0, gt=0, le=3600,
+        description="seconds an idle keep-alive connection to the health port stays open, "
+        "> 0 and <= 3600",
+    )
+    machine_health_max_connections: int = Field(
+        10_000, ge=10, le=1_000_000,
+        description="open connections the health port holds before refusing new ones, "
+        "10-1000000 (lowered to stay below the open-files limit)",
+    )
+    machine_health_token: SecretStr | None = Field(
+        None,
+        description="a secret of at least 16 characters, no spaces; holders read instance "
+        "logs with 'Authorization: Bearer <token>'; unset: logs are not served",
+    )
     machine_config: Path | None = Field(None, description="a TOML file")
     max_queue_depth: int | None = Field(
         None, ge=1, description="a whole number >= 1; unset means no limit"
@@ -156,11 +209,48 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("protected_packages", "workflows", mode="before")
+    @field_validator("protected_packages", "workflows", "instance_pass_env", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("instance_pass_env")
+    @classmethod
+    def _env_names(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not ENV_NAME.match(name)]
+        if bad:
+            raise ValueError(f"not environment variable names: {', '.join(bad)}")
+        return value
+
+    @field_validator("comfyui_repo")
+    @classmethod
+    def _git_url(cls, value: str) -> str:
+        problem = url_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("comfyui_ref")
+    @classmethod
+    def _git_ref(cls, value: str) -> str:
+        problem = ref_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("machine_health_token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        # The message never repeats the value: it is a secret.
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"too short ({len(token)} characters)")
+        if any(c.isspace() for c in token) or not token.isprintable():
+            raise ValueError("contains spaces or control characters")
         return value
 
     @field_validator("comfyui_listen", "machine_health_listen")
@@ -220,6 +310,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             [Problem(CONFIG_ENV, str(path), "file not found; point it at a TOML file or unset it")]
         ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(
+            CONFIG_ENV, str(path),
+            f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "TOML files must be UTF-8: save it as UTF-8",
+        )]) from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(
             [Problem(CONFIG_ENV, str(path), f"cannot be read as TOML: {exc}")]
@@ -233,7 +329,9 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
     config_path_text = overrides.get("machine_config") or env.get(CONFIG_ENV) or None
     toml_path = Path(config_path_text) if config_path_text else None
-    file_values: dict[str, Any] = _read_toml(toml_path) if toml_path else {}
+    file_values: dict[str, Any] = (
+        _lower_keys(_read_toml(toml_path), toml_path) if toml_path else {}
+    )
     if toml_path:
         file_values["machine_config"] = toml_path
         snapshot = file_values.get("custom_nodes_snapshot")
@@ -248,6 +346,7 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     known = {name.upper() for name in Settings.model_fields}
     scoped_env = {k: v for k, v in env.items() if k in known and v != ""}
     merged = {**file_values, **{k.lower(): v for k, v in scoped_env.items()}, **overrides}
+    resolved = _resolve_relative_paths(merged)
     try:
         settings = Settings(**merged)
     except ValidationError as exc:
@@ -268,14 +367,70 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     problems = check_settings(settings, scoped_env, toml_path)
     if problems:
         raise ConfigError(problems)
+    for field, (given, path) in resolved.items():
+        log.info(
+            "relative path resolved against the current directory",
+            extra={"fields": {"setting": _describe_source(field, scoped_env, toml_path),
+                              "given": given, "resolved": str(path)}},
+        )
     return settings
+
+
+def _lower_keys(values: dict[str, Any], toml_path: Path) -> dict[str, Any]:
+    """The file's top-level keys in lower case (settings are case-insensitive, so the
+    environment wins over any spelling); keys that differ only by case are an error."""
+    spellings: dict[str, list[str]] = {}
+    for key in values:
+        spellings.setdefault(key.lower(), []).append(key)
+    problems = [
+        Problem(
+            f"{' and '.join(keys)} (in {toml_path})",
+            " and ".join("'***'" if lower in SECRET_FIELDS else _show(values[key]) for key in keys),
+            f"keys that differ only by case name the same setting; keep one ({lower})",
+        )
+        for lower, keys in spellings.items()
+        if len(keys) > 1
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return {key.lower(): value for key, value in values.items()}
+
+
+def _resolve_relative_paths(merged: dict[str, Any]) -> dict[str, tuple[str, Path]]:
+    """Make the RESOLVED_PATH_FIELDS in ``merged`` absolute (against the current directory):
+    instances run elsewhere and would not find them. Returns field -> (given, resolved)."""
+    resolved = {}
+    for field in RESOLVED_PATH_FIELDS:
+        value = merged.get(field)
+        if isinstance(value, str | Path) and str(value) and not Path(value).is_absolute():
+            merged[field] = Path(os.path.abspath(value))
+            resolved[field] = (str(value), merged[field])
+    return resolved
+
+
+def check_workspace(path: Path, source: str = "MACHINE_WORKSPACE") -> list[Problem]:
+    """For the commands that write the workspace (up, demo, install, models): it must be a
+    directory this user can write, or creatable under one. One Problem, or none."""
+    fix = f"point {source} at a writable directory (it is created if missing)"
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    what = "" if existing == path else f"cannot be created: {existing} "
+    if not existing.is_dir():
+        return [Problem(source, _show(str(path)), f"{what}is a file, not a directory; {fix}")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [Problem(
+            source, _show(str(path)),
+            f"{what}is not writable (by uid {os.geteuid()}, or a read-only file system); {fix}",
+        )]
+    return []
 
 
 def _problems(exc: ValidationError, env: dict[str, str], toml_path: Path | None) -> list[Problem]:
     problems = []
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else "?"
-        given = err.get("input")
+        given = "***" if field in SECRET_FIELDS else err.get("input")
         if len(err["loc"]) > 1:  # inside a table of the TOML file, e.g. custom_nodes[0].url
             path = field + "".join(
                 f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"][1:]
@@ -324,7 +479,8 @@ def _table_fields(field: str) -> list[str]:
 
 
 def _show(value: object) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+    # A git URL given with credentials (https://user:token@host/...) shows without them.
+    return repr(redact_urls(value)) if isinstance(value, str) else redact_urls(str(value))
 
 
 # Flags whose value the plan decides; a user setting them would break the port/GPU layout.
@@ -389,45 +545,103 @@ def check_settings(
                     f"{OWNED_FLAGS[flag]}",
                 )
             )
-    if settings.num_gpus:
-        problems.extend(check_ports(settings, settings.num_gpus, env, toml_path))
+    indices = planned_gpu_indices(settings)
+    if indices:
+        problems.extend(check_ports(settings, indices, env, toml_path))
     where = f" (in {toml_path})" if toml_path else ""
     problems.extend(build_model_specs(settings.models, where)[1])
     return problems
 
 
+def planned_gpu_indices(settings: Settings) -> list[int] | None:
+    """The GPU indices the instances will run on when the settings alone tell (CPU mode,
+    COMFYUI_GPUS as indices, NUM_GPUS); None when only GPU discovery can (the plan checks then)."""
+    if not settings.enable_comfyui:
+        return None
+    if settings.comfyui_cpu_only:
+        return list(range(settings.num_gpus or 1))
+    items = [part.strip() for part in settings.comfyui_gpus.split(",") if part.strip()]
+    if items:
+        return [int(item) for item in items] if all(i.isdigit() for i in items) else None
+    return list(range(settings.num_gpus)) if settings.num_gpus else None
+
+
 def check_ports(
-    settings: Settings, count: int, env: dict[str, str] | None = None, toml_path: Path | None = None
+    settings: Settings,
+    gpus: typing.Sequence[int],
+    env: dict[str, str] | None = None,
+    toml_path: Path | None = None,
 ) -> list[Problem]:
-    """The instance port range must fit in 1-65535 and must not include the health port."""
+    """The instance on GPU i listens on COMFYUI_PORT_START + i: every such port must fit in
+    1-65535 and none may be the health port."""
+    if not gpus:
+        return []
     env = env or {}
-    first, last = settings.comfyui_port_start, settings.comfyui_port_start + count - 1
+    first = settings.comfyui_port_start
+    ports = sorted(first + index for index in gpus)
+    shown = _port_list(ports)
     source = _describe_source("comfyui_port_start", env, toml_path)
-    if last > 65535:
+    if ports[-1] > 65535:
+        limit = 65535 - max(gpus)
+        fix = f"use a start <= {limit}" if limit >= 1 else f"no start fits GPU {max(gpus)}"
         return [
             Problem(
                 source,
                 str(first),
-                f"{count} instances need ports {first}-{last}, past 65535; "
-                f"use a start <= {65536 - count}",
+                f"{len(ports)} instances need ports {shown} (COMFYUI_PORT_START + GPU index), "
+                f"past 65535; {fix}",
             )
         ]
-    if first <= settings.machine_health_port <= last:
+    if settings.machine_health_port in ports:
         return [
             Problem(
                 source,
                 str(first),
-                f"instance ports {first}-{last} include MACHINE_HEALTH_PORT="
+                f"instance ports {shown} include MACHINE_HEALTH_PORT="
                 f"{settings.machine_health_port}; move one of them",
             )
         ]
     return []
 
 
+def _port_list(ports: list[int]) -> str:
+    """``8188-8191`` for a run of consecutive ports, else ``8189, 8191``."""
+    if len(ports) > 1 and ports == list(range(ports[0], ports[0] + len(ports))):
+        return f"{ports[0]}-{ports[-1]}"
+    return ", ".join(str(p) for p in ports)
+
+
 def custom_node_specs(settings: Settings) -> tuple[list[CustomNodeSpec], str]:
     """The custom nodes to install and the ComfyUI ref, from env, TOML and a snapshot file.
 
     A snapshot's ComfyUI commit is used unless COMFYUI_REF was set. Raises ConfigError."""
+    specs, comfyui_ref, _ = _custom_nodes(settings)
+    return specs, comfyui_ref
+
+
+def custom_node_auth(settings: Settings) -> dict[str, GitAuth]:
+    """Node name -> the credentials of its git URL (userinfo, auth_env), for those with any.
+    Only the installer gets these; the specs (shown everywhere) have URLs without them."""
+    return _custom_nodes(settings)[2]
+
+
+# Settings that can hold credentials (a git URL's userinfo) or are secrets themselves.
+SECRET_ENV = ("COMFYUI_REPO", "COMFYUI_CUSTOM_NODES", "MACHINE_HEALTH_TOKEN")
+
+
+def instance_withheld_env(settings: Settings) -> frozenset[str]:
+    """Environment variables ComfyUI instances (and custom nodes' install.py) do not inherit:
+    the tokens the node fetches with (auth_env of custom nodes and models) and the settings
+    that can hold credentials, unless INSTANCE_PASS_ENV names them."""
+    names = {*SECRET_ENV}
+    names.update(e.auth_env for e in settings.custom_nodes if e.auth_env)
+    names.update(m.auth_env for m in settings.models if m.auth_env)
+    return frozenset(names - set(settings.instance_pass_env))
+
+
+def _custom_nodes(
+    settings: Settings,
+) -> tuple[list[CustomNodeSpec], str, dict[str, GitAuth]]:
     snapshot_entries: list[CustomNodeEntry] = []
     comfyui_ref = settings.comfyui_ref
     problems: list[Problem] = []
@@ -447,9 +661,14 @@ def custom_node_specs(settings: Settings) -> tuple[list[CustomNodeSpec], str]:
         snapshot_ref, snapshot_entries, problems = snapshot_nodes(data, source)
         if snapshot_ref and "comfyui_ref" not in settings.model_fields_set:
             comfyui_ref = snapshot_ref
+            bad_ref = ref_problem(snapshot_ref)
+            if bad_ref:
+                problems.append(Problem(f"{source} comfyui", snapshot_ref, bad_ref))
     specs, more = build_specs(settings.comfyui_custom_nodes, settings.custom_nodes,
                               snapshot_entries, "custom_nodes_snapshot")
     problems += more
     if problems:
         raise ConfigError(problems)
-    return specs, comfyui_ref
+    auth = build_node_auth(settings.comfyui_custom_nodes, settings.custom_nodes,
+                           snapshot_entries, "custom_nodes_snapshot")
+    return specs, comfyui_ref, auth

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Any
 
-from services.state import GpuStatus, InstanceState, MachineState, Phase, SmokeStatus, StepStatus
+from health import models as model_health
+from services.state import (
+    REPORTED_PHASES,
+    GpuStatus,
+    InstanceState,
+    MachineState,
+    ModelStatus,
+    NodeStatus,
+    Phase,
+    SmokeStatus,
+    StepStatus,
+)
 from services.supervisor.states import ProcessState
 
 Report = tuple[int, dict[str, Any]]
@@ -15,18 +27,10 @@ PROBE_FAILURES_NOT_READY = 2
 BOOT_PHASES = (Phase.INITIALIZING, Phase.INSTALLING, Phase.DOWNLOADING, Phase.STARTING)
 
 
-def _process_alive(inst: InstanceState) -> bool:
-    return (
-        inst.process_state in (ProcessState.STARTING, ProcessState.RUNNING)
-        and inst.pid is not None
-        and not inst.pid_exited
-    )
-
-
 def instance_ready(inst: InstanceState) -> bool:
     """Process up, HTTP answering, and the smoke prompt passed for this very process."""
     return (
-        _process_alive(inst)
+        inst.process_alive
         and not inst.quarantined
         and inst.smoke is not None
         and inst.smoke.status is SmokeStatus.PASSED
@@ -190,7 +194,8 @@ def _boot_reasons(state: MachineState) -> list[str]:
 def _download_progress(state: MachineState) -> str:
     """': 1.2 of 7.8 GiB, 2 model(s) left' for the models instances wait for."""
     waiting = [m for m in state.models.values()
-               if m.when == "before_start" and m.status != "verified"]
+               if m.when == "before_start"
+               and m.status not in (ModelStatus.VERIFIED, ModelStatus.UNVERIFIED)]
     if not waiting:
         return ""
     done = sum(m.bytes_done for m in state.models.values() if m.when == "before_start")
@@ -201,7 +206,7 @@ def _download_progress(state: MachineState) -> str:
             "(details: /health/comfyui/models)")
 
 
-FAILED_NODE_STATES = ("failed", "skipped")
+FAILED_NODE_STATES = (NodeStatus.FAILED, NodeStatus.SKIPPED)
 
 
 def custom_node_reasons(state: MachineState) -> tuple[list[str], list[str]]:
@@ -210,7 +215,7 @@ def custom_node_reasons(state: MachineState) -> tuple[list[str], list[str]]:
     for node in state.custom_nodes.values():
         if node.status not in FAILED_NODE_STATES:
             continue
-        what = "was skipped" if node.status == "skipped" else "failed"
+        what = "was skipped" if node.status == NodeStatus.SKIPPED else "failed"
         reason = f"custom node {node.name} {what}: {node.error}"
         if node.required:
             required.append(reason + "; it is required, so the node cannot serve")
@@ -220,6 +225,8 @@ def custom_node_reasons(state: MachineState) -> tuple[list[str], list[str]]:
 
 
 def _body(status: str, phase: Phase | str, reasons: list[str], **extra: Any) -> dict[str, Any]:
+    if phase not in REPORTED_PHASES:  # an internal phase is a bug in the caller, not an answer
+        raise ValueError(f"phase {phase} is not reported; pass reported_phase(state, now)")
     return {"status": status, "phase": str(phase), "reasons": reasons, **extra}
 
 
@@ -339,9 +346,7 @@ def installation_report(state: MachineState, now: float) -> Report:
     extra = {"steps": steps, "custom_nodes": nodes}
     phase = reported_phase(state, now)
     if failed or required_failed:
-        return 503, _body(
-            "failed", state.phase, reasons + required_failed + optional_failed, **extra
-        )
+        return 503, _body("failed", phase, reasons + required_failed + optional_failed, **extra)
     pending = [
         s for s in state.install_steps if s.status in (StepStatus.PENDING, StepStatus.RUNNING)
     ]
@@ -356,11 +361,8 @@ def installation_report(state: MachineState, now: float) -> Report:
 def models_report(state: MachineState, now: float | None = None) -> Report:
     """/health/comfyui/models: each model verified/downloading/missing/failed with progress,
     per-instance listing mismatches and unlisted workflow files; 503 until all is in place."""
-    import time
-
-    from services.models.report import models_report as report
-
-    return report(state, time.time() if now is None else now)
+    now = time.time() if now is None else now
+    return model_health.models_report(state, now, reported_phase(state, now))
 
 
 def livez_report(state: MachineState, now: float) -> Report:

@@ -9,7 +9,9 @@ alert rules written today keep working when the features land:
 - ``comfy_machine_custom_node_import_failed{node}``: one series per enabled custom node in
   ``MachineState.custom_nodes`` (none until the installer fills it).
 - ``comfy_machine_model_verified{model}``: one series per manifest model (none without a
-  manifest); ``comfy_machine_models_required_missing`` counts required models not verified;
+  manifest); ``comfy_machine_model_unverified{model}`` is 1 for a model on disk that the
+  manifest gives no sha256 or size to check; ``comfy_machine_models_required_missing`` counts
+  required models not on disk (an unverified one is on disk);
   ``comfy_machine_download_bytes_total`` counts model bytes downloaded by this agent.
 - ``comfy_machine_gpu_xid_errors_total``: 0 for every GPU and the catalogued Xid codes until
   the GPU sampler (services/gpu/sampler.py) counts events into ``MachineState.gpus``.
@@ -38,17 +40,24 @@ from prometheus_client.registry import Collector
 
 from health import checks
 from services.gpu.policy import XID_CODES_AT_ZERO
-from services.state import GpuStatus, InstanceState, MachineState, Phase, SmokeStatus, StepStatus
+from services.state import (
+    REPORTED_PHASES,
+    GpuStatus,
+    InstanceState,
+    MachineState,
+    ModelStatus,
+    SmokeStatus,
+    StepStatus,
+)
 from services.supervisor.states import ProcessState
 
 PREFIX = "comfy_machine_"
+# ``gpu`` is the NVML index on every series (instance and GPU alike), so they join on it.
 INSTANCE_LABELS = ("gpu", "name", "port")
 # The labels dcgm-exporter puts on every GPU series, so existing dashboards join on them.
 DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname")
 # Xid codes whose counters exist at 0 from the start (any other code appears when first seen):
 # the catalogue of the GPU health policy (services/gpu/policy.py).
-# Phases the API reports; RUNNING is internal (it is reported as READY, DEGRADED or FAILED).
-REPORTED_PHASES = tuple(p for p in Phase if p is not Phase.RUNNING)
 PROCESS_STATES = tuple(ProcessState)
 
 
@@ -232,7 +241,7 @@ class MachineCollector(Collector):
         )
         for name, node in sorted(self._state.custom_nodes.items()):
             if node.enabled:
-                failed.add_metric([name], _bool(node.status in ("failed", "skipped")))
+                failed.add_metric([name], _bool(node.status in checks.FAILED_NODE_STATES))
         yield failed
 
     def _models(self) -> Iterator[Metric]:
@@ -241,18 +250,21 @@ class MachineCollector(Collector):
             "1 when a manifest model is on disk with its size and sha256 checked",
             labels=["model"],
         )
+        unverified = GaugeMetricFamily(
+            PREFIX + "model_unverified",
+            "1 when a manifest model is on disk unchecked: the manifest gives no sha256 or size",
+            labels=["model"],
+        )
         for name, model in sorted(self._state.models.items()):
-            verified.add_metric([name], _bool(model.status == "verified"))
+            verified.add_metric([name], _bool(model.status == ModelStatus.VERIFIED))
+            unverified.add_metric([name], _bool(model.status == ModelStatus.UNVERIFIED))
         yield verified
+        yield unverified
         yield GaugeMetricFamily(
             PREFIX + "models_required_missing",
-            "Required manifest models not verified yet (missing, downloading or failed)",
+            "Required manifest models not on disk yet (missing, downloading or failed)",
             value=float(
-                sum(
-                    1
-                    for m in self._state.models.values()
-                    if m.required and m.status != "verified"
-                )
+                sum(1 for m in self._state.models.values() if m.required and not m.present)
             ),
         )
         yield CounterMetricFamily(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import math
 import time
 from collections.abc import Callable
@@ -13,7 +14,9 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from config.errors import LogFileRefused
 from health import checks
+from health.limits import HealthLimits, HealthRunner
 from health.metrics import MachineCollector, Snapshot, process_collectors, registry_of
 from services.logfile import lines_after, tail_lines
 from services.state import MachineState, Phase
@@ -25,6 +28,8 @@ HEALTH_BACKLOG = 1024
 STATE_KEY = web.AppKey("state", MachineState)
 COLLECTOR_KEY = web.AppKey("collector", MachineCollector)
 PROCESS_COLLECTORS_KEY = web.AppKey("process_collectors", list[Collector])
+# MACHINE_HEALTH_TOKEN as bytes; None: the log route is closed.
+LOG_TOKEN_KEY = web.AppKey("log_token", bytes | None)  # type: ignore[arg-type]
 DEFAULT_TAIL_LINES = 100
 MAX_TAIL_LINES = 1000
 
@@ -131,21 +136,49 @@ def _int_param(request: web.Request, name: str, low: int, high: int, default: in
     return value
 
 
+def _log_access(request: web.Request) -> web.Response | None:
+    """None when the request carries the log token; else the JSON 401 or 403 to answer.
+
+    Logs can hold prompts, paths and custom-node output: they are served only to holders of
+    MACHINE_HEALTH_TOKEN, while every other health route stays open to probes."""
+    token = request.app[LOG_TOKEN_KEY]
+    if token is None:
+        return _error(403, "instance logs are not served: no MACHINE_HEALTH_TOKEN is set on this "
+                      "node; set it and send 'Authorization: Bearer <token>'")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode("utf-8", "replace"), token
+    ):
+        resp = _error(401, "instance logs need 'Authorization: Bearer <MACHINE_HEALTH_TOKEN>'; "
+                      "the token is missing or wrong")
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="comfy-machine logs"'
+        return resp
+    return None
+
+
 async def _instance_log(request: web.Request) -> web.Response:
     """The last ?tail=N lines of an instance's log (stdout and stderr, as supervisord keeps
     them), or with ?after=OFFSET&inode=INODE the lines appended since an earlier answer."""
+    denied = _log_access(request)
+    if denied is not None:
+        return denied
     gpu = _instance_gpu(request)
     if isinstance(gpu, web.Response):
         return gpu
     inst = request.app[STATE_KEY].instances[gpu]
     path = inst.plan.log_path
-    if "after" in request.query:
-        after = _int_param(request, "after", 0, 2**63 - 1, None)
-        inode = _int_param(request, "inode", 0, 2**63 - 1, 0) if "inode" in request.query else None
-        chunk = await asyncio.to_thread(lines_after, path, after, inode)
-    else:
-        tail = _int_param(request, "tail", 1, MAX_TAIL_LINES, DEFAULT_TAIL_LINES)
-        chunk = await asyncio.to_thread(tail_lines, path, tail)
+    try:
+        if "after" in request.query:
+            after = _int_param(request, "after", 0, 2**63 - 1, None)
+            inode = (
+                _int_param(request, "inode", 0, 2**63 - 1, 0) if "inode" in request.query else None
+            )
+            chunk = await asyncio.to_thread(lines_after, path, after, inode)
+        else:
+            tail = _int_param(request, "tail", 1, MAX_TAIL_LINES, DEFAULT_TAIL_LINES)
+            chunk = await asyncio.to_thread(tail_lines, path, tail)
+    except LogFileRefused as exc:
+        return _error(403, str(exc))
     return _json(
         200,
         {
@@ -173,10 +206,12 @@ async def _json_errors(request: web.Request, handler: Callable[..., Any]) -> web
         return _error(exc.status, message, path=request.path)
 
 
-def create_app(state: MachineState) -> web.Application:
-    """The aiohttp application serving the health API from ``state``."""
+def create_app(state: MachineState, log_token: str | None = None) -> web.Application:
+    """The aiohttp application serving the health API from ``state``; the log route answers
+    only requests carrying ``log_token`` (none: it answers 403)."""
     app = web.Application(middlewares=[_json_errors])
     app[STATE_KEY] = state
+    app[LOG_TOKEN_KEY] = log_token.encode() if log_token else None
     app[COLLECTOR_KEY] = MachineCollector(state)
     app[PROCESS_COLLECTORS_KEY] = process_collectors()
     app.router.add_get("/health/comfyui", _route(checks.node_report))
@@ -193,14 +228,20 @@ def create_app(state: MachineState) -> web.Application:
     return app
 
 
-async def start_health_server(state: MachineState, host: str, port: int) -> web.AppRunner:
-    """Start serving; the caller cleans up with ``await runner.cleanup()``."""
-    runner = web.AppRunner(
-        create_app(state), handle_signals=False, access_log=None, shutdown_timeout=2.0
+async def start_health_server(
+    state: MachineState,
+    host: str,
+    port: int,
+    limits: HealthLimits | None = None,
+    log_token: str | None = None,
+) -> HealthRunner:
+    """Start serving under ``limits`` (timeouts, connection cap, head bounds: health/limits.py);
+    the caller cleans up with ``await runner.cleanup()``."""
+    runner = HealthRunner(
+        create_app(state, log_token), limits or HealthLimits(), shutdown_timeout=2.0
     )
     await runner.setup()
-    site = web.TCPSite(
-        runner, host, port, reuse_address=True, shutdown_timeout=2.0, backlog=HEALTH_BACKLOG
-    )
+    # The shutdown timeout is the runner's (aiohttp deprecates it on the site).
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=HEALTH_BACKLOG)
     await site.start()
     return runner

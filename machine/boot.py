@@ -11,11 +11,19 @@ from collections.abc import Callable
 import aiohttp
 
 from config.errors import InstallError, MachineError
-from config.settings import Settings, custom_node_specs
+from config.git_input import GitAuth, split_userinfo
+from config.settings import (
+    Settings,
+    custom_node_auth,
+    custom_node_specs,
+    instance_withheld_env,
+)
 from health.checks import node_report
+from health.limits import HealthLimits
 from health.server import start_health_server
+from services.fdlimit import raise_fd_limit
 from services.gpu.guard import prepare_gpus
-from services.gpus import GpuInventory
+from services.gpu.interface import Nvml, list_gpus
 from services.install.installer import (
     Installer,
     InstallInputs,
@@ -26,25 +34,32 @@ from services.instances import InstanceController
 from services.models.step import fetch_background, models_step
 from services.plan import NodePlan, make_plan
 from services.probes import InstanceProber, ProbeSettings
-from services.state import CustomNodeState, InstanceState, MachineState, Phase, StepStatus
+from services.state import (
+    CustomNodeState,
+    InstanceState,
+    MachineState,
+    NodeStatus,
+    Phase,
+    StepStatus,
+)
 
 log = logging.getLogger(__name__)
 
 
-def build_plan(settings: Settings, inventory: GpuInventory) -> NodePlan:
+def build_plan(settings: Settings, nvml: Nvml) -> NodePlan:
     """Discover GPUs (never in CPU mode) and plan; raises ConfigError/GpuError, starts nothing."""
     custom_node_specs(settings)  # custom-node errors exit 2 with the rest, before anything runs
-    gpus = (
-        [] if settings.comfyui_cpu_only or not settings.enable_comfyui else (inventory.list_gpus())
-    )
+    gpus = [] if settings.comfyui_cpu_only or not settings.enable_comfyui else list_gpus(nvml)
     return make_plan(settings, gpus)
 
 
 def install_inputs(settings: Settings) -> InstallInputs:
     """What the install phase works from (custom nodes resolved from env, TOML, snapshot)."""
     specs, comfyui_ref = custom_node_specs(settings)
+    # Credentials in COMFYUI_REPO reach git through its environment only, never the lock.
+    comfyui_url, comfyui_userinfo = split_userinfo(settings.comfyui_repo)
     return InstallInputs(
-        comfyui_url=settings.comfyui_repo,
+        comfyui_url=comfyui_url,
         comfyui_ref=comfyui_ref,
         install_path=settings.install_path,
         nodes=tuple(specs),
@@ -57,6 +72,11 @@ def install_inputs(settings: Settings) -> InstallInputs:
         workers=settings.install_workers,
         workspace=settings.machine_workspace,
         min_free_bytes=int(settings.install_min_free_gb * 2**30),
+        git_timeout=settings.git_timeout,
+        git_retries=settings.git_retries,
+        comfyui_auth=GitAuth(userinfo=comfyui_userinfo) if comfyui_userinfo else None,
+        node_auth=custom_node_auth(settings),
+        withheld_env=instance_withheld_env(settings),
     )
 
 
@@ -86,13 +106,13 @@ async def _install(settings: Settings, state: MachineState) -> None:
     # Listed while installing; the installer's own records replace these when it is done.
     state.custom_nodes = {
         n.name: CustomNodeState(n.name, n.url, n.ref, n.required, n.enabled,
-                                status="pending" if n.enabled else "disabled")
+                                status=NodeStatus.PENDING if n.enabled else NodeStatus.DISABLED)
         for n in installer.inputs.nodes
     }
     report = await asyncio.to_thread(installer.run)
     state.custom_nodes = {node.name: node for node in report.nodes}
     if not (settings.install_path / "main.py").is_file():
-        raise InstallError(f"ComfyUI: {settings.comfyui_repo}@{settings.comfyui_ref} has no "
+        raise InstallError(f"ComfyUI: {installer.inputs.comfyui_url}@{settings.comfyui_ref} has no "
                            "main.py; COMFYUI_REPO must be a ComfyUI repository")
     state.changed()
 
@@ -101,6 +121,25 @@ async def _notify_when_ready(state: MachineState, on_ready: Callable[[], None]) 
     while node_report(state, time.time())[1]["status"] != "ready":
         await state.wait_changed(1.0)
     on_ready()
+
+
+def health_limits(settings: Settings) -> HealthLimits:
+    """Raise the open-files limit to the hard one, and bound the health port's connections to
+    MACHINE_HEALTH_MAX_CONNECTIONS and to what the limit leaves after the agent's reserve, so a
+    flood of clients can never take the descriptors supervisord's XML-RPC and probes need."""
+    fds = raise_fd_limit()
+    cap = fds.connection_cap(settings.machine_health_max_connections)
+    fields = {"open_files_limit": fds.soft, "hard_limit": fds.hard, "reserve": fds.reserve,
+              "max_connections": cap, "idle_timeout_s": settings.machine_health_idle_timeout}
+    if cap < settings.machine_health_max_connections:
+        log.warning("health connections capped below MACHINE_HEALTH_MAX_CONNECTIONS by the "
+                    "open-files limit; raise `ulimit -n` (the hard limit) to allow more",
+                    extra={"fields": fields})
+    else:
+        log.info("health limits", extra={"fields": fields})
+    return HealthLimits(
+        idle_timeout=settings.machine_health_idle_timeout, max_connections=cap
+    )
 
 
 async def run_node(
@@ -112,8 +151,13 @@ async def run_node(
     """Boot, serve and supervise until ``stop`` is set; then stop everything. Exit code."""
     state = MachineState(max_queue_depth=settings.max_queue_depth)
     state.instances = {i.gpu: InstanceState(plan=i) for i in plan.instances}
+    limits = health_limits(settings)
+    token = settings.machine_health_token
     try:
-        runner = await start_health_server(state, plan.health_listen, plan.health_port)
+        runner = await start_health_server(
+            state, plan.health_listen, plan.health_port, limits,
+            token.get_secret_value() if token else None,
+        )
     except OSError as exc:
         raise MachineError(
             f"MACHINE_HEALTH_PORT={plan.health_port}: cannot serve health on "

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -15,25 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from config.errors import ConfigError, MachineError
-from config.settings import Settings, custom_node_specs, load_settings
+from config.git_input import public_git_url
+from config.settings import Settings, check_workspace, custom_node_specs, load_settings
 from machine.logs import setup_logging
-from services.gpus import GpuInventory, NvmlInventory
 from services.plan import NodePlan
 from services.supervisor.conf import render_conf
-
-
-def _inventory(settings: Settings | None = None) -> GpuInventory:
-    if settings is not None and settings.machine_fake_nvml is not None:
-        from services.gpu.guard import nvml_for
-
-        return nvml_for(settings)
-    return NvmlInventory()
+from services.workspace_lock import WorkspaceLock
+from services.workspace_lock import acquire as acquire_workspace
 
 
 def _plan(settings: Settings) -> NodePlan:
     from machine.boot import build_plan
+    from services.gpu.guard import nvml_for
 
-    return build_plan(settings, _inventory(settings))
+    return build_plan(settings, nvml_for(settings))
 
 
 def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | None = None) -> int:
@@ -50,16 +46,31 @@ def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | No
     return asyncio.run(main())
 
 
+def _own(workspace: Path, command: str, source: str = "MACHINE_WORKSPACE") -> WorkspaceLock:
+    """Before a command writes the workspace: check it can be written and take its owner lock
+    (held until this process exits; a second owner fails at once with exit code 2)."""
+    problems = check_workspace(workspace, source)
+    if problems:
+        raise ConfigError(problems)
+    return acquire_workspace(workspace, f"comfy-machine {command}", source)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = load_settings()
     plan = _plan(settings)
-    return _serve(settings, plan)
+    with _own(settings.machine_workspace, "up"):
+        return _serve(settings, plan)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    workspace = Path(args.workspace).resolve()
+    with _own(workspace, "demo", "--workspace"):
+        return _demo(args, workspace)
+
+
+def _demo(args: argparse.Namespace, workspace: Path) -> int:
     from machine.demo import prepare_standin_repo
 
-    workspace = Path(args.workspace).resolve()
     url, commit = prepare_standin_repo(workspace)
     # A demo is for this machine only unless the user says otherwise.
     listen = {} if "MACHINE_HEALTH_LISTEN" in os.environ else {"machine_health_listen": "127.0.0.1"}
@@ -107,7 +118,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     from machine.install_cmd import run_install
 
     settings = load_settings()
-    return run_install(settings, _plan(settings), check_imports=not args.no_import_check)
+    plan = _plan(settings)
+    with _own(settings.machine_workspace, "install"):
+        return run_install(settings, plan, check_imports=not args.no_import_check)
 
 
 def cmd_gpu_test(args: argparse.Namespace) -> int:
@@ -118,9 +131,11 @@ def cmd_gpu_test(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from services.models.command import run_models
+    from machine.models_cmd import run_models
 
-    return run_models(load_settings())
+    settings = load_settings()
+    with _own(settings.machine_workspace, "models"):
+        return run_models(settings)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -133,7 +148,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           "custom_nodes": _jsonable(specs), "supervisord_conf": conf}, indent=2))
         return 0
     print(f"workspace: {plan.workspace}")
-    print(f"ComfyUI:   {settings.comfyui_repo} @ {comfyui_ref} -> {plan.install_path}")
+    print(f"ComfyUI:   {public_git_url(settings.comfyui_repo)} @ {comfyui_ref} -> "
+          f"{plan.install_path}")
     for spec in specs:
         flags = ", ".join(f for f, on in (("required", spec.required),
                                           ("disabled", not spec.enabled)) if on)
@@ -163,8 +179,8 @@ def _health_base(args: argparse.Namespace) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """A table, one line per instance (reasons cut to a terminal's width); JSON (the
-    /health/comfyui body) with --json."""
+    """A table, one line per instance (reasons cut to a terminal's width, whole through a pipe
+    so scripts can grep them); the /health/comfyui body as JSON with --json."""
     from machine.health_client import get_health
 
     base = _health_base(args)
@@ -278,6 +294,19 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return 0
 
 
+def _log_auth() -> dict[str, str]:
+    """The Authorization header for the log route: MACHINE_HEALTH_TOKEN from the environment
+    (or the MACHINE_CONFIG file); none when it is not set (the node then answers 401/403)."""
+    token = os.environ.get("MACHINE_HEALTH_TOKEN", "").strip()
+    if not token:
+        try:
+            secret = load_settings().machine_health_token
+        except ConfigError:
+            secret = None
+        token = secret.get_secret_value() if secret else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 async def _logs(base_url: str, gpu: int, tail: int, follow: bool) -> int:
     # Follow polls the health server rather than reading the file: it works wherever status
     # does (another container, a port-forward), needs no access to the workspace, and the
@@ -285,7 +314,8 @@ async def _logs(base_url: str, gpu: int, tail: int, follow: bool) -> int:
     from machine.health_client import get_health
 
     path = f"/health/comfyui/instances/{gpu}/log"
-    code, body = await get_health(base_url, f"{path}?tail={tail}")
+    headers = _log_auth()
+    code, body = await get_health(base_url, f"{path}?tail={tail}", headers=headers)
     while True:
         if code != 200:
             print(f"comfy-machine: {body.get('error', body)}", file=sys.stderr)
@@ -302,7 +332,7 @@ async def _logs(base_url: str, gpu: int, tail: int, follow: bool) -> int:
         query = f"after={body['offset']}"
         if body["inode"] is not None:
             query += f"&inode={body['inode']}"
-        code, body = await get_health(base_url, f"{path}?{query}")
+        code, body = await get_health(base_url, f"{path}?{query}", headers=headers)
 
 
 def cmd_wait_ready(args: argparse.Namespace) -> int:
@@ -319,6 +349,19 @@ def cmd_wait_ready(args: argparse.Namespace) -> int:
     for reason in body.get("reasons") or [body.get("error", "no reason given")]:
         print(f"  {reason}", file=sys.stderr)
     return 1
+
+
+def _timeout(text: str) -> float:
+    """A --timeout: a finite number of seconds >= 0 (argparse exits 2 naming it otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds >= 0; give e.g. --timeout 600"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,21 +393,27 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="validate settings, print the plan; start nothing")
     plan.add_argument("--json", action="store_true")
     status = sub.add_parser("status", help="ask a running node's health server")
-    status.add_argument("--json", action="store_true", help="the JSON health body instead")
+    status.add_argument(
+        "--json", action="store_true", help="the JSON /health/comfyui body instead"
+    )
     status.add_argument("--url", help="health server base URL (default from settings)")
     logs = sub.add_parser("logs", help="print (and with -f follow) an instance's log")
-    logs.add_argument("--gpu", type=int, required=True, help="the instance's GPU index")
+    logs.add_argument(
+        "--gpu", type=int, required=True, help="the instance's GPU (NVML index, as nvidia-smi)"
+    )
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("--tail", type=int, default=100, help="lines to show first (1-1000)")
     logs.add_argument("--url", help="health server base URL (default from settings)")
     gpu_test = sub.add_parser(
         "gpu-test", help="run the sentinel self-test on each instance's GPU (CPU in CPU mode)"
     )
-    gpu_test.add_argument("--gpu", type=int, help="only this instance's GPU")
+    gpu_test.add_argument("--gpu", type=int, help="only this GPU (NVML index, as nvidia-smi)")
     gpu_test.add_argument("--json", action="store_true")
     wait = sub.add_parser("wait-ready", help="block until the node or one GPU is ready")
-    wait.add_argument("--gpu", type=int, help="wait for this GPU's instance only")
-    wait.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    wait.add_argument("--gpu", type=int, help="wait for this GPU's instance only (NVML index)")
+    wait.add_argument(
+        "--timeout", type=_timeout, default=600.0, help="seconds, a number >= 0 (default 600)"
+    )
     wait.add_argument("--url", help="health server base URL (default from settings)")
     return parser
 
@@ -382,6 +431,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# What a shell reports for a program killed by SIGPIPE (128 + 13), as `yes | head` shows.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level.upper())
@@ -395,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     except MachineError as exc:
         print(f"comfy-machine: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (`comfy-machine status | head`): stop quietly, as cat does, and
+        # keep Python from failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ def run_gpu_test(
     """Test the chosen instance's GPU (all when ``gpu`` is None); 0 when every one passed."""
     chosen = [i for i in plan.instances if gpu is None or i.gpu == gpu]
     if not chosen:
-        slots = ", ".join(str(i.gpu) for i in plan.instances) or "none"
-        raise ConfigError([Problem("--gpu", str(gpu), f"no such instance; planned: {slots}")])
+        planned = ", ".join(str(i.gpu) for i in plan.instances) or "none"
+        raise ConfigError(
+            [Problem("--gpu", str(gpu), f"no instance on that GPU; planned GPUs: {planned}")]
+        )
     driver = _driver(settings, plan)
 
     async def main() -> list[tuple[int, SelfTestResult]]:

@@ -15,14 +15,16 @@ WAIT_CHUNK_S = 30.0
 RETRY_S = 0.25
 
 
-async def get_health(base_url: str, path: str, wait: float = 0.0) -> tuple[int, dict[str, Any]]:
+async def get_health(
+    base_url: str, path: str, wait: float = 0.0, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     """GET ``path`` (with ?wait= if > 0); status and JSON body, or HealthClientError."""
     params = {"wait": f"{wait:.3f}"} if wait > 0 else None
     timeout = aiohttp.ClientTimeout(total=wait + 10.0)
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(base_url.rstrip("/") + path, params=params) as resp,
+            session.get(base_url.rstrip("/") + path, params=params, headers=headers) as resp,
         ):
             return resp.status, await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:

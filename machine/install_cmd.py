@@ -15,12 +15,13 @@ from typing import TextIO
 
 from config.errors import InstallError
 from config.settings import Settings
+from health.checks import FAILED_NODE_STATES
 from machine.boot import install_inputs
 from services.import_check import parse_startup_log
 from services.install.installer import Installer, InstallReport
 from services.models.extra_paths import write_extra_model_paths
 from services.plan import NodePlan
-from services.state import StepStatus
+from services.state import NodeStatus, StepStatus
 from services.supervisor.launch import dies_with_us
 
 MARKS = {
@@ -97,7 +98,7 @@ def import_check(plan: NodePlan, report: InstallReport) -> dict[str, str]:
             f"import check: ComfyUI exited {proc.returncode} before loading its "
             f"custom nodes: {tail}"
         )
-    wanted = {n.name for n in report.nodes if n.status == "ok"}
+    wanted = {n.name for n in report.nodes if n.status == NodeStatus.OK}
     return {name: error for name, error in result.failures.items() if name in wanted}
 
 
@@ -108,7 +109,7 @@ def run_install(
     progress = Progress(stream)
     report = Installer(install_inputs(settings), progress).run()
     failures = {
-        n.name: f"{n.status}: {n.error}" for n in report.nodes if n.status in ("failed", "skipped")
+        n.name: f"{n.status}: {n.error}" for n in report.nodes if n.status in FAILED_NODE_STATES
     }
     if check_imports and plan.instances:
         started = time.monotonic()

@@ -19,14 +19,19 @@ from services.state import InstanceState, MachineState, Phase
 from services.supervisor.daemon import Supervisord
 from services.supervisor.events import EventReceiver, ProcessEvent
 from services.supervisor.rpc import ProcessInfo, RpcFault
-from services.supervisor.states import Fault, ProcessState
+from services.supervisor.states import (
+    EXITED_STATES,
+    RESTART_FROM_STATES,
+    UP_STATES,
+    Fault,
+    ProcessState,
+)
 
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 12
 # Events are pushed; this resync only repairs a dropped datagram, so it can be slow.
 RESYNC_INTERVAL_S = 15.0
-RESTART_FROM = (ProcessState.EXITED, ProcessState.BACKOFF)
 
 
 def kill_leftovers(pid: int) -> None:
@@ -73,9 +78,9 @@ class InstanceController:
         inst = self._by_name.get(event.process)
         if inst is None:
             return
-        if event.to_state is ProcessState.STARTING and event.from_state in RESTART_FROM:
+        if event.to_state is ProcessState.STARTING and event.from_state in RESTART_FROM_STATES:
             inst.restarts += 1
-        if event.to_state in (ProcessState.EXITED, ProcessState.BACKOFF, ProcessState.FATAL):
+        if event.to_state in EXITED_STATES:
             inst.pid_exited = True
         inst.process_state = event.to_state
         if event.pid:
@@ -84,17 +89,7 @@ class InstanceController:
             # supervisord's autorestart raced the quarantine: stop it again.
             self._spawn(self._stop(inst), f"quarantine-{event.process}")
         self.state.changed()
-        log.info(
-            "process state",
-            extra={
-                "fields": {
-                    "instance": event.process,
-                    "from": event.from_state.name,
-                    "to": event.to_state.name,
-                    "pid": event.pid,
-                }
-            },
-        )
+        _log_transition(event.process, event.from_state, event.to_state, event.pid)
         self._spawn(self.refresh(event.process), f"refresh-{event.process}")
 
     async def refresh(self, name: str) -> None:
@@ -131,13 +126,13 @@ class InstanceController:
         inst.spawn_error = info.spawnerr or None
         inst.exit_description = (
             info.description
-            if info.state not in (ProcessState.RUNNING, ProcessState.STARTING)
+            if info.state not in UP_STATES
             else None
         )
         if info.pid:
             self._adopt_pid(inst, info.pid)
             inst.started_at = float(info.start)
-        if info.state in (ProcessState.FATAL, ProcessState.BACKOFF, ProcessState.EXITED):
+        if info.state in EXITED_STATES:
             inst.pid_exited = True
             await self._read_log_tail(inst)
         self.state.changed()
@@ -292,6 +287,14 @@ class InstanceController:
             kill_leftovers(proc.pid)
         await asyncio.to_thread(psutil.wait_procs, alive, 5)
 
+    def _record_stopped(self) -> None:
+        """Log STOPPING -> STOPPED for instances whose last event supervisord's shutdown cut off
+        (its event listener stops with it), so every instance's stop shows in the log."""
+        for name, inst in self._by_name.items():
+            if inst.process_state is not ProcessState.STOPPED:
+                _log_transition(name, inst.process_state, ProcessState.STOPPED, inst.pid)
+                inst.process_state = ProcessState.STOPPED
+
     async def stop(self) -> None:
         """Stop every instance, then supervisord; release the event socket and pidfds."""
         for task in list(self._tasks):
@@ -300,8 +303,15 @@ class InstanceController:
             self._unwatch(name)
         await self.supervisord.stop()
         await self._stop_orphans()
+        self._record_stopped()
         self.state.supervisor_up = False
         self.state.changed()
         self._receiver.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.plan.supervisor_socket.unlink()
+        self.supervisord.remove_socket()
+
+
+def _log_transition(name: str, before: ProcessState, after: ProcessState, pid: int | None) -> None:
+    log.info(
+        "process state",
+        extra={"fields": {"instance": name, "from": before.name, "to": after.name, "pid": pid}},
+    )

@@ -4,9 +4,14 @@ reads from the end or from an offset, whatever the line lengths."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from config.errors import LogFileRefused
 
 # Bounds on what one log request reads: a tail reads at most MAX_TAIL_BYTES back from the
 # end, a follow (?after=) at most MAX_FOLLOW_BYTES forward.
@@ -15,15 +20,40 @@ MAX_FOLLOW_BYTES = 256 * 1024
 READ_BLOCK = 64 * 1024
 
 
+def open_log(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file, never through a symlink (whoever
+    can write the log directory must not make the agent read another file) nor a FIFO or
+    device (which could block the reading thread). FileNotFoundError if absent,
+    LogFileRefused if it is something else than a regular file."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LogFileRefused(f"{path} is a symbolic link; instance logs are read only from "
+                                 "regular files: remove the link") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise LogFileRefused(f"{path} is not a regular file; instance logs are read only "
+                                 "from regular files: remove it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_end(path: Path, limit: int) -> str:
     """The end of a (possibly large, rotating) log file."""
     try:
-        with path.open("rb") as fh:
+        with open_log(path) as fh:
             fh.seek(0, 2)
             size = fh.tell()
             fh.seek(max(0, size - limit))
             return fh.read().decode(errors="replace")
-    except OSError:
+    except (OSError, LogFileRefused):
         return ""
 
 
@@ -44,7 +74,7 @@ def _split(data: bytes) -> list[str]:
 def _tail_bytes(path: Path, lines: int, budget: int) -> tuple[list[str], int, int, bool]:
     """Up to the last ``lines`` complete lines of ``path`` reading at most ``budget`` bytes
     back from its end; (lines, file size, inode, whether the budget cut it)."""
-    with path.open("rb") as f:
+    with open_log(path) as f:
         inode = os.fstat(f.fileno()).st_ino  # of the file read, even if it is rotated meanwhile
         size = f.seek(0, os.SEEK_END)
         data = b""
@@ -70,8 +100,9 @@ def tail_lines(path: Path, lines: int) -> LogChunk:
     except FileNotFoundError:
         return LogChunk([], 0, None, False)
     backup = path.with_name(path.name + ".1")
-    if len(found) < lines and not cut and backup.is_file():
-        with contextlib.suppress(FileNotFoundError):
+    if len(found) < lines and not cut:
+        # The rotated file only fills in: absent or not a regular file, it is left out.
+        with contextlib.suppress(FileNotFoundError, LogFileRefused):
             older, _, _, cut = _tail_bytes(backup, lines - len(found), MAX_TAIL_BYTES)
             found = older + found
     return LogChunk(found, size, inode, cut)
@@ -79,7 +110,7 @@ def tail_lines(path: Path, lines: int) -> LogChunk:
 
 def _inode(path: Path) -> int | None:
     try:
-        return path.stat().st_ino
+        return path.lstat().st_ino
     except FileNotFoundError:
         return None
 
@@ -87,7 +118,7 @@ def _inode(path: Path) -> int | None:
 def _read_forward(path: Path, offset: int, inode: int | None) -> LogChunk:
     """Complete lines after ``offset`` (from 0 if ``path`` is another file than ``inode`` or
     shorter than ``offset``), at most MAX_FOLLOW_BYTES; ``truncated`` means more is there."""
-    with path.open("rb") as f:
+    with open_log(path) as f:
         current = os.fstat(f.fileno())
         if (inode is not None and current.st_ino != inode) or current.st_size < offset:
             offset = 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from config.errors import ConfigError, Problem
 from config.settings import Settings, check_ports
-from services.gpus import Gpu, cpu_slots
+from services.gpu.interface import Gpu, cpu_slots
 from services.models.extra_paths import render_extra_model_paths
 
 PROGRAM_PREFIX = "comfyui-gpu"
@@ -21,7 +21,11 @@ EVENT_LISTENER = "comfy-machine-events"
 
 @dataclass(frozen=True)
 class InstancePlan:
-    """One ComfyUI instance: its GPU slot, port, command line and environment."""
+    """One ComfyUI instance: its GPU, port, command line and environment.
+
+    ``gpu`` is the GPU's NVML index (nvidia-smi's numbering; 0..N-1 in CPU mode), and the one
+    number users see: the name ``comfyui-gpu{gpu}``, the port COMFYUI_PORT_START + gpu, the key
+    of ``MachineState.instances``, ``/health/comfyui/instances/{gpu}``, the ``gpu`` label."""
 
     gpu: int
     name: str
@@ -81,7 +85,8 @@ class NodePlan:
 
 
 def select_gpus(settings: Settings, found: list[Gpu]) -> list[Gpu]:
-    """The GPUs to run on: all found, or the first NUM_GPUS; CPU mode makes NUM_GPUS slots."""
+    """The GPUs to run on: all found, the first NUM_GPUS, or those COMFYUI_GPUS names; CPU mode
+    makes NUM_GPUS slots numbered 0..N-1."""
     if not settings.enable_comfyui:
         return []
     if settings.comfyui_cpu_only:
@@ -156,73 +161,39 @@ MAX_SOCKET_PATH = 107
 def make_plan(settings: Settings, found: list[Gpu], agent_python: str = sys.executable) -> NodePlan:
     """Decide instances, ports, argv, env and paths; raises ConfigError for an impossible layout."""
     gpus = select_gpus(settings, found)
-    problems = check_ports(settings, len(gpus)) if gpus else []
-    workspace = settings.machine_workspace
-    run_dir = workspace / "run"
-    if len(str(run_dir / "supervisor.sock").encode()) > MAX_SOCKET_PATH:
+    node = node_plan(settings, agent_python)
+    check_layout(settings, gpus, node)
+    return replace(node, instances=tuple(instance_plan(settings, node, gpu) for gpu in gpus))
+
+
+def check_layout(settings: Settings, gpus: list[Gpu], node: NodePlan) -> None:
+    """The instance ports (COMFYUI_PORT_START + GPU index) and the workspace's unix socket
+    paths must be possible; raises ConfigError naming every problem."""
+    problems = check_ports(settings, [g.index for g in gpus])
+    if len(str(node.supervisor_socket).encode()) > MAX_SOCKET_PATH:
         problems.append(
             Problem(
                 "MACHINE_WORKSPACE",
-                str(workspace),
+                str(node.workspace),
                 f"too long for the unix sockets under it (at most {MAX_SOCKET_PATH - 20} "
                 "bytes); use a shorter path",
             )
         )
     if problems:
         raise ConfigError(problems)
-    log_dir = workspace / "logs"
-    output_dir = workspace / "output"
-    input_dir = workspace / "input"
-    extra_args = tuple(shlex.split(settings.comfyui_args))
-    extra_model_paths = run_dir / "extra_model_paths.yaml"
-    instances = []
-    for slot, gpu in enumerate(gpus):
-        port = settings.comfyui_port_start + slot
-        name = f"{PROGRAM_PREFIX}{slot}"
-        argv = (
-            str(settings.python),
-            "main.py",
-            "--listen",
-            settings.comfyui_listen,
-            "--port",
-            str(port),
-            "--output-directory",
-            str(output_dir),
-            "--input-directory",
-            str(input_dir),
-            "--disable-auto-launch",
-            "--extra-model-paths-config",
-            str(extra_model_paths),
-            *(("--cpu",) if gpu.is_cpu else ()),
-            *extra_args,
-        )
-        env = {
-            # CPU mode hides every GPU; GPU mode binds by UUID so indices cannot drift.
-            "CUDA_VISIBLE_DEVICES": "" if gpu.is_cpu else gpu.uuid,
-            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-            "PYTHONUNBUFFERED": "1",
-        }
-        instances.append(
-            InstancePlan(
-                gpu=slot,
-                name=name,
-                gpu_uuid=gpu.uuid,
-                gpu_name=gpu.name,
-                port=port,
-                listen=settings.comfyui_listen,
-                url=f"http://{_url_host(settings.comfyui_listen)}:{port}",
-                argv=argv,
-                env=env,
-                cwd=settings.install_path,
-                log_path=log_dir / f"{name}.log",
-            )
-        )
+
+
+def node_plan(settings: Settings, agent_python: str) -> NodePlan:
+    """The node without its instances: workspace paths, sockets, supervisord's program
+    policy, the health server, the model store."""
+    workspace = settings.machine_workspace
+    run_dir = workspace / "run"
     return NodePlan(
         workspace=workspace,
         run_dir=run_dir,
-        log_dir=log_dir,
-        output_dir=output_dir,
-        input_dir=input_dir,
+        log_dir=workspace / "logs",
+        output_dir=workspace / "output",
+        input_dir=workspace / "input",
         install_path=settings.install_path,
         python=settings.python,
         supervisor_socket=run_dir / "supervisor.sock",
@@ -239,10 +210,52 @@ def make_plan(settings: Settings, found: list[Gpu], agent_python: str = sys.exec
             log_max_bytes=settings.instance_log_max_bytes,
             log_backups=settings.instance_log_backups,
         ),
-        instances=tuple(instances),
+        instances=(),
         models_path=settings.models_path,
-        extra_model_paths=extra_model_paths,
+        extra_model_paths=run_dir / "extra_model_paths.yaml",
         extra_model_paths_yaml=render_extra_model_paths(
             settings.models_path, (m.folder for m in settings.models)
         ),
+    )
+
+
+def instance_plan(settings: Settings, node: NodePlan, gpu: Gpu) -> InstancePlan:
+    """The instance on ``gpu``: named and ported by its index, bound to it by UUID."""
+    port = settings.comfyui_port_start + gpu.index
+    name = f"{PROGRAM_PREFIX}{gpu.index}"
+    argv = (
+        str(settings.python),
+        "main.py",
+        "--listen",
+        settings.comfyui_listen,
+        "--port",
+        str(port),
+        "--output-directory",
+        str(node.output_dir),
+        "--input-directory",
+        str(node.input_dir),
+        "--disable-auto-launch",
+        "--extra-model-paths-config",
+        str(node.extra_model_paths),
+        *(("--cpu",) if gpu.is_cpu else ()),
+        *shlex.split(settings.comfyui_args),
+    )
+    env = {
+        # CPU mode hides every GPU; GPU mode binds by UUID so indices cannot drift.
+        "CUDA_VISIBLE_DEVICES": "" if gpu.is_cpu else gpu.uuid,
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return InstancePlan(
+        gpu=gpu.index,
+        name=name,
+        gpu_uuid=gpu.uuid,
+        gpu_name=gpu.name,
+        port=port,
+        listen=settings.comfyui_listen,
+        url=f"http://{_url_host(settings.comfyui_listen)}:{port}",
+        argv=argv,
+        env=env,
+        cwd=settings.install_path,
+        log_path=node.log_dir / f"{name}.log",
     )

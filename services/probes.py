@@ -17,8 +17,14 @@ from services.comfyui import PNG_SIGNATURE, ComfyApiError, ComfyClient, history_
 from services.import_check import modules_loaded, parse_startup_log
 from services.logfile import read_end
 from services.models.instance_check import check_instance
-from services.state import InstanceState, MachineState, ProbeResult, SmokeResult, SmokeStatus
-from services.supervisor.states import ProcessState
+from services.state import (
+    InstanceState,
+    MachineState,
+    NodeStatus,
+    ProbeResult,
+    SmokeResult,
+    SmokeStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +77,7 @@ class InstanceProber:
         self._client = ComfyClient(session, inst.plan.url, settings.timeout)
 
     def _alive(self, pid: int) -> bool:
-        inst = self._inst
-        return (
-            inst.pid == pid
-            and not inst.pid_exited
-            and inst.process_state in (ProcessState.STARTING, ProcessState.RUNNING)
-        )
+        return self._inst.pid == pid and self._inst.process_alive
 
     def _check(self, pid: int) -> None:
         if not self._alive(pid):
@@ -193,7 +194,7 @@ class InstanceProber:
         nodes = [
             n
             for n in self._state.custom_nodes.values()
-            if n.enabled and (n.status == "ok" or n.import_failed)
+            if n.enabled and (n.status == NodeStatus.OK or n.import_failed)
         ]
         if not nodes:
             return
@@ -212,7 +213,7 @@ class InstanceProber:
                 continue  # neither source can tell (log rotated away, nothing registered)
             node.import_checked = True
             node.import_failed = error is not None
-            node.status = "failed" if error is not None else "ok"
+            node.status = NodeStatus.FAILED if error is not None else NodeStatus.OK
             node.error = f"import failed: {error}" if error is not None else None
             if error is not None:
                 log.error(

@@ -12,7 +12,7 @@ from enum import StrEnum
 
 from services.models.workflows import WorkflowRef
 from services.plan import InstancePlan
-from services.supervisor.states import ProcessState
+from services.supervisor.states import UP_STATES, ProcessState
 
 
 class Phase(StrEnum):
@@ -26,6 +26,11 @@ class Phase(StrEnum):
     DEGRADED = "DEGRADED"
     FAILED = "FAILED"
     STOPPING = "STOPPING"
+
+
+# The phases health bodies and metrics report; RUNNING never leaks (it shows as READY, DEGRADED
+# or FAILED, derived from the instances).
+REPORTED_PHASES = tuple(p for p in Phase if p is not Phase.RUNNING)
 
 
 class StepStatus(StrEnum):
@@ -102,6 +107,11 @@ class InstanceState:
     model_mismatches: list[str] = field(default_factory=list)  # required models not listed
     workflow_missing: list[WorkflowRef] = field(default_factory=list)
 
+    @property
+    def process_alive(self) -> bool:
+        """supervisord has it up and the agent has not seen its pid die."""
+        return self.process_state in UP_STATES and self.pid is not None and not self.pid_exited
+
     def reset_runtime(self) -> None:
         """Forget what was learned about the previous process."""
         self.pid_exited = False
@@ -150,12 +160,19 @@ class GpuStatus:
     selftest: dict[str, object] | None = None  # the sentinel self-test's report, when run
 
 
+class NodeStatus(StrEnum):
+    """A custom node's status (health JSON and the lock carry the value)."""
+
+    PENDING = "pending"  # installing
+    OK = "ok"
+    FAILED = "failed"  # its install or its import failed
+    SKIPPED = "skipped"  # its requirements conflict and on_conflict = skip-node
+    DISABLED = "disabled"
+
+
 @dataclass
 class CustomNodeState:
-    """A custom node as installed and as ComfyUI loaded it.
-
-    ``status``: pending (installing), ok, failed (install or import), skipped (on_conflict =
-    skip-node), disabled."""
+    """A custom node as installed and as ComfyUI loaded it."""
 
     name: str
     url: str
@@ -163,15 +180,33 @@ class CustomNodeState:
     required: bool
     enabled: bool
     commit: str | None = None
-    status: str = "ok"
+    status: NodeStatus = NodeStatus.OK
     error: str | None = None
     import_checked: bool = False
     import_failed: bool = False  # the failure is ComfyUI's import, which a restart re-checks
 
 
+class ModelStatus(StrEnum):
+    """A manifest model's status (the health JSON carries the value)."""
+
+    MISSING = "missing"  # not fetched yet
+    DOWNLOADING = "downloading"
+    VERIFIED = "verified"  # on disk with the manifest's size and/or sha256 checked
+    # On disk, whole as the server framed it (a 200 with its Content-Length or chunked end),
+    # but the manifest gives neither sha256 nor size to check it against: present (it counts
+    # for readiness) yet said to be unchecked in health and metrics.
+    UNVERIFIED = "unverified"
+    FAILED = "failed"
+
+
+# On disk and usable by the instances.
+PRESENT_MODEL_STATUSES = frozenset({ModelStatus.VERIFIED, ModelStatus.UNVERIFIED})
+
+
 @dataclass
 class ModelState:
-    """One manifest model: verified, downloading, missing or failed, with its progress."""
+    """One manifest model: verified, unverified, downloading, missing or failed, with its
+    progress."""
 
     name: str  # folder/filename
     folder: str
@@ -182,7 +217,7 @@ class ModelState:
     when: str
     size: int | None
     sha256: str | None
-    status: str = "missing"
+    status: ModelStatus = ModelStatus.MISSING
     bytes_done: int = 0
     bytes_total: int | None = None
     session_bytes: int = 0  # downloaded by this process, for the rate
@@ -191,8 +226,13 @@ class ModelState:
     verified_sha256: str | None = None
     error: str | None = None
 
+    @property
+    def present(self) -> bool:
+        """On disk for the instances: verified, or unverified (no sha256/size to check)."""
+        return self.status in PRESENT_MODEL_STATUSES
+
     def rate_bps(self, now: float) -> float | None:
-        if self.started_at is None or self.status != "downloading":
+        if self.started_at is None or self.status != ModelStatus.DOWNLOADING:
             return None
         elapsed = now - self.started_at
         return self.session_bytes / elapsed if elapsed > 0 else None
@@ -206,6 +246,7 @@ class MachineState:
     failed_step: str | None = None
     install_steps: list[StepState] = field(default_factory=list)
     custom_nodes: dict[str, CustomNodeState] = field(default_factory=dict)
+    # Keyed by InstancePlan.gpu: the GPU's NVML index (0..N-1 in CPU mode), as in the URLs.
     instances: dict[int, InstanceState] = field(default_factory=dict)
     supervisor_expected: bool = False
     supervisor_up: bool = False

@@ -22,6 +22,20 @@ import psutil
 
 T = TypeVar("T")
 
+# Recordings of a real ComfyUI 0.3.64 (what each file is and how it was recorded: README.md
+# there). They are part of the repository: a missing one is an error, never a skip.
+COMFYUI_RECORDINGS = Path(__file__).resolve().parent / "fixtures" / "comfyui-0.3.64"
+
+
+def recording_text(name: str) -> str:
+    """One recorded file (a log) as text."""
+    return (COMFYUI_RECORDINGS / name).read_text()
+
+
+def recording(name: str) -> Any:
+    """One recorded capture (JSON), parsed."""
+    return json.loads(recording_text(name))
+
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
     """Poll ``predicate`` until it returns something truthy; fail with the last value seen."""

@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 
 from config.settings import Settings
-from services.gpu.nvml import FakeNvml, Nvml, RealNvml
+from services.gpu.fake import FakeNvml
+from services.gpu.interface import Nvml
+from services.gpu.nvml import RealNvml
 from services.gpu.policy import GpuPolicy
 from services.gpu.sampler import GpuSampler
 from services.gpu.selftest import SelfTestResult, cached_pass, run_selftest, store

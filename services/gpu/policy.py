@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from services.gpu.nvml import GpuSample
+from services.gpu.interface import GpuSample
 
 
 class XidClass(StrEnum):

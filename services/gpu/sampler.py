@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from config.errors import GpuError
-from services.gpu.nvml import GpuSample, Inventory, Nvml, XidEvent
+from services.gpu.interface import GpuSample, Inventory, Nvml, XidEvent
 from services.gpu.policy import GpuPolicy, evaluate
 from services.state import GpuStatus, MachineState
 

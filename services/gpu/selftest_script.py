@@ -31,19 +31,12 @@ SIZES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=10.0, help="seconds for the checks")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's)")
-    parser.add_argument("--inject-fault", type=float, default=0.0, metavar="FRACTION")
-    args = parser.parse_args(argv)
+    args = _parse_args(argv)
     started = time.perf_counter()
     report: dict = {"ok": False, "device": args.device, "checks": [], "error": None}
     try:
         import torch
-        import torch.nn.functional as F
+        import torch.nn.functional  # the ops use it; a broken install fails here
     except Exception as exc:
         report["error"] = f"torch cannot be imported by {sys.executable}: {exc}"
         return _emit(report, started, 2)
@@ -51,32 +44,60 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:  # several GPUs test at once: share the CPU for the references
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        try:
-            torch.cuda.init()
-            count = torch.cuda.device_count()
-        except Exception as exc:
-            count, report["error"] = 0, f"torch.cuda did not initialise: {exc}"
-        if count < 1:
-            report["error"] = report["error"] or (
-                "torch.cuda sees no GPU (torch built without CUDA, or CUDA_VISIBLE_DEVICES "
-                "names no usable GPU)"
-            )
-            return _emit(report, started, 2)
-        report["device_name"] = torch.cuda.get_device_name(device)
-        report["cuda"] = torch.version.cuda
-        # The CPU reference is exact fp32; keep the GPU from using TF32 for fp32 work.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    else:
+    if not _prepare_device(torch, device, report):
+        return _emit(report, started, 2)
+    ops = _operations(torch, args.size)
+    checks_started = time.perf_counter()
+    report["init_s"] = round(checks_started - started, 3)  # torch import and CUDA init
+    code = _run_checks(torch, device, ops, args, report, checks_started + args.budget)
+    return _emit(report, started, code)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=10.0, help="seconds for the checks")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's)")
+    parser.add_argument("--inject-fault", type=float, default=0.0, metavar="FRACTION")
+    return parser.parse_args(argv)
+
+
+def _prepare_device(torch, device, report: dict) -> bool:
+    """Initialise CUDA and name the device in the report; False when no GPU can be used."""
+    if device.type != "cuda":
         report["device_name"] = "cpu"
-    elements, n, rows, (b, h, s, d) = SIZES[args.size]
+        return True
+    try:
+        torch.cuda.init()
+        count = torch.cuda.device_count()
+    except Exception as exc:
+        count, report["error"] = 0, f"torch.cuda did not initialise: {exc}"
+    if count < 1:
+        report["error"] = report["error"] or (
+            "torch.cuda sees no GPU (torch built without CUDA, or CUDA_VISIBLE_DEVICES "
+            "names no usable GPU)"
+        )
+        return False
+    report["device_name"] = torch.cuda.get_device_name(device)
+    report["cuda"] = torch.version.cuda
+    # The CPU reference is exact fp32; keep the GPU from using TF32 for fp32 work.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return True
+
+
+def _operations(torch, size: str) -> dict:
+    """name -> (function, CPU inputs): the ops checked, on seeded random inputs in [-1, 1)."""
+    F = torch.nn.functional
+    elements, n, rows, (b, h, s, d) = SIZES[size]
     gen = torch.Generator().manual_seed(1234)
 
-    def rand(*shape: int) -> torch.Tensor:
+    def rand(*shape: int):
         return torch.rand(*shape, generator=gen) * 2 - 1
 
-    ops = {
+    return {
         "mul": (lambda x, y: x * y, (rand(elements), rand(elements))),
         "matmul": (torch.matmul, (rand(n, n), rand(n, n))),
         "linear": (F.linear, (rand(rows, n), rand(n, n), rand(n))),
@@ -85,40 +106,48 @@ def main(argv: list[str] | None = None) -> int:
             (rand(b, h, s, d), rand(b, h, s, d), rand(b, h, s, d)),
         ),
     }
-    checks_started = time.perf_counter()
-    report["init_s"] = round(checks_started - started, 3)  # torch import and CUDA init
-    budget_end = checks_started + args.budget
-    ok = True
+
+
+def _run_checks(
+    torch, device, ops: dict, args: argparse.Namespace, report: dict, deadline: float
+) -> int:
+    """Every op in every dtype, within the budget; 0 when all passed, 1 otherwise."""
     for dtype_name in DTYPES:
-        dtype = getattr(torch, dtype_name)
         for op_name, (fn, cpu_inputs) in ops.items():
-            if time.perf_counter() > budget_end:
+            if time.perf_counter() > deadline:
                 report["error"] = f"budget of {args.budget}s spent before {op_name} {dtype_name}"
-                return _emit(report, started, 1)
-            low = [t.to(dtype) for t in cpu_inputs]
-            reference = fn(*[t.float() for t in low])  # fp32 on the CPU, from the same inputs
-            inputs = [t.to(device) for t in low]
-            check = {
-                "op": op_name,
-                "dtype": dtype_name,
-                "shape": list(reference.shape),
-                "iterations": args.iterations,
-                "bad": 0,
-                "nan": 0,
-                "inf": 0,
-                "max_abs_err": 0.0,
-            }
-            for _ in range(args.iterations):
-                _poison(torch, device, dtype, reference.numel())
-                result = fn(*inputs)
-                if args.inject_fault > 0:
-                    _leave_unwritten(torch, result, args.inject_fault)
-                got = result.to("cpu").float()  # every comparison happens on the CPU
-                _compare(torch, got, reference, dtype_name, check)
+                return 1
+            check = _check_op(torch, device, op_name, fn, cpu_inputs, dtype_name, args)
             report["checks"].append(check)
-            ok = ok and check["bad"] == 0
-    report["ok"] = ok
-    return _emit(report, started, 0 if ok else 1)
+    report["ok"] = all(check["bad"] == 0 for check in report["checks"])
+    return 0 if report["ok"] else 1
+
+
+def _check_op(torch, device, op_name: str, fn, cpu_inputs, dtype_name: str, args) -> dict:
+    """One op in one dtype, ``args.iterations`` times on the device, each result compared on
+    the CPU with an fp32 reference computed from the same (rounded) inputs."""
+    dtype = getattr(torch, dtype_name)
+    low = [t.to(dtype) for t in cpu_inputs]
+    reference = fn(*[t.float() for t in low])  # fp32 on the CPU, from the same inputs
+    inputs = [t.to(device) for t in low]
+    check = {
+        "op": op_name,
+        "dtype": dtype_name,
+        "shape": list(reference.shape),
+        "iterations": args.iterations,
+        "bad": 0,
+        "nan": 0,
+        "inf": 0,
+        "max_abs_err": 0.0,
+    }
+    for _ in range(args.iterations):
+        _poison(torch, device, dtype, reference.numel())
+        result = fn(*inputs)
+        if args.inject_fault > 0:
+            _leave_unwritten(torch, result, args.inject_fault)
+        got = result.to("cpu").float()  # every comparison happens on the CPU
+        _compare(torch, got, reference, dtype_name, check)
+    return check
 
 
 def _poison(torch, device, dtype, numel: int) -> None:

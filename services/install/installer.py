@@ -7,23 +7,47 @@ callbacks into MachineState updates."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from config.errors import InstallError
+from config.errors import DiskFullError, InstallError
+from config.git_input import GitAuth, split_userinfo
 from config.nodes import CustomNodeSpec
-from services.files import atomic_write_text
+from services.files import atomic_write_text, open_private
 from services.install import pyenv
-from services.install.git import CheckoutResult, checkout_intact, ensure_checkout, resolve_ref
-from services.install.lock import Lock, LockedNode, LockedRepo, digest, read_lock, write_lock
-from services.install.requirements import RequirementsFile, check_requirements
-from services.state import CustomNodeState, StepStatus
+from services.install.git import (
+    CheckoutAction,
+    CheckoutResult,
+    GitOptions,
+    authorization,
+    checkout_intact,
+    ensure_checkout,
+    resolve_ref,
+)
+from services.install.lock import (
+    Lock,
+    LockedNode,
+    LockedRepo,
+    ScriptStatus,
+    digest,
+    read_lock,
+    write_lock,
+)
+from services.install.requirements import (
+    RequirementsFile,
+    check_requirements,
+    outside_problems,
+)
+from services.install.resolve import Conflict, resolve
+from services.state import CustomNodeState, NodeStatus, StepStatus
 from services.supervisor.launch import dies_with_us
 
 log = logging.getLogger(__name__)
@@ -50,6 +74,36 @@ class InstallInputs:
     workers: int
     workspace: Path
     min_free_bytes: int
+    git_timeout: float = 120.0  # GIT_TIMEOUT
+    git_retries: int = 2  # GIT_RETRIES
+    # Credentials, apart from the URLs (which are shown and locked): ComfyUI's, and each
+    # node's by name. A URL given with userinfo has it moved here (__post_init__).
+    comfyui_auth: GitAuth | None = None
+    node_auth: dict[str, GitAuth] = field(default_factory=dict, repr=False, compare=False)
+    # Variables custom nodes' install.py do not inherit (the instances' withheld secrets).
+    withheld_env: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        # No credentials in a URL past this point: they would reach the lock, health, logs.
+        url, userinfo = split_userinfo(self.comfyui_url)
+        if userinfo:
+            object.__setattr__(self, "comfyui_url", url)
+            object.__setattr__(
+                self, "comfyui_auth", replace(self.comfyui_auth or GitAuth(), userinfo=userinfo)
+            )
+        nodes, auth = [], dict(self.node_auth)
+        for spec in self.nodes:
+            url, userinfo = split_userinfo(spec.url)
+            if userinfo:
+                spec = replace(spec, url=url)
+                auth[spec.name] = replace(auth.get(spec.name) or GitAuth(), userinfo=userinfo)
+            nodes.append(spec)
+        object.__setattr__(self, "nodes", tuple(nodes))
+        object.__setattr__(self, "node_auth", auth)
+
+    def git_options(self, auth: GitAuth | None) -> GitOptions:
+        """GIT_TIMEOUT, GIT_RETRIES and the Authorization header of ``auth`` (read now)."""
+        return GitOptions(self.git_timeout, self.git_retries, authorization(auth))
 
     @property
     def lock_path(self) -> Path:
@@ -69,6 +123,18 @@ class InstallInputs:
                 "on_conflict": self.on_conflict,
             }
         )
+
+
+@dataclass
+class StepRun:
+    """What a running step did, as its body says: a detail, and whether there was nothing to
+    do (skipped)."""
+
+    detail: str = ""
+    skipped: bool = False
+
+    def finish(self, detail: str, skipped: bool = False) -> None:
+        self.detail, self.skipped = detail, skipped
 
 
 @dataclass
@@ -92,28 +158,30 @@ class Installer:
                 n.ref,
                 n.required,
                 n.enabled,
-                status="ok" if n.enabled else "disabled",
+                status=NodeStatus.OK if n.enabled else NodeStatus.DISABLED,
             )
             for n in inputs.nodes
         }
 
     # -- step bookkeeping ---------------------------------------------------------------
-    def _step(self, name: str, fn: Callable[[], str]) -> str:
-        """Run ``fn`` as step ``name``: it returns its detail; 'skipped' details mark a skip."""
+    @contextmanager
+    def _step(self, name: str) -> Iterator[StepRun]:
+        """The body runs as step ``name``: reported running, then done or skipped with the
+        detail the body gave (``StepRun.finish``), or failed with its InstallError."""
         started = time.monotonic()
         self._on_step(name, StepStatus.RUNNING, "", None, None)
+        run = StepRun()
         try:
-            detail = fn()
+            yield run
         except InstallError as exc:
             self._on_step(name, StepStatus.FAILED, "", str(exc), time.monotonic() - started)
             raise
-        status = StepStatus.SKIPPED if detail.startswith("skipped") else StepStatus.DONE
-        self._on_step(name, status, detail, None, time.monotonic() - started)
-        return detail
+        status = StepStatus.SKIPPED if run.skipped else StepStatus.DONE
+        self._on_step(name, status, run.detail, None, time.monotonic() - started)
 
     def _fail_node(self, name: str, error: str) -> None:
         outcome = self._outcomes[name]
-        outcome.status, outcome.error = "failed", error
+        outcome.status, outcome.error = NodeStatus.FAILED, error
         log.error("custom node failed", extra={"fields": {"node": name, "error": error}})
 
     # -- the phase ------------------------------------------------------------------------
@@ -126,12 +194,13 @@ class Installer:
         self._check_disk()
         comfyui, node_results = self._checkouts(lock)
         self._disable_unwanted(lock)
-        self._step("python environment", self._python_env)
+        with self._step("python environment") as step:
+            self._python_env(step)
         requirements_hash, installed = self._requirements(lock)
         self._install_scripts(lock, node_results)
         # The commit on disk, checked after everything that ran in the trees.
         for name, result in node_results.items():
-            if self._outcomes[name].status == "ok" and not checkout_intact(
+            if self._outcomes[name].status == NodeStatus.OK and not checkout_intact(
                 inputs.custom_nodes_dir / name, result.commit
             ):
                 self._fail_node(
@@ -146,7 +215,7 @@ class Installer:
                 n.commit or "",
                 n.enabled,
                 install_py=self._script_status(n.name),
-                skipped_reason=n.error if n.status == "skipped" else None,
+                skipped_reason=n.error if n.status == NodeStatus.SKIPPED else None,
                 status=n.status,
             )
             for n in self._outcomes.values()
@@ -166,7 +235,7 @@ class Installer:
 
     def _warm_ok(self, lock: Lock) -> bool:
         """Every tree at its locked commit and clean, every node fine, the environment as locked."""
-        if any(n.status == "failed" for n in lock.nodes.values()):
+        if any(n.status == NodeStatus.FAILED for n in lock.nodes.values()):
             return False
         checks = [(self.inputs.install_path, lock.comfyui.commit)] + [
             (self.inputs.custom_nodes_dir / name, node.commit)
@@ -209,79 +278,96 @@ class Installer:
             outcome = self._outcomes[name]
             outcome.commit = node.commit
             if node.skipped_reason:
-                outcome.status, outcome.error = "skipped", node.skipped_reason
+                outcome.status, outcome.error = NodeStatus.SKIPPED, node.skipped_reason
         return InstallReport(lock.comfyui.commit, list(self._outcomes.values()), warm=True)
 
     def _check_disk(self) -> None:
         self.inputs.workspace.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.inputs.workspace).free
         if free < self.inputs.min_free_bytes:
-            raise InstallError(
+            raise DiskFullError(
                 f"only {free / 2**30:.1f} GiB free in {self.inputs.workspace}, "
                 f"{self.inputs.min_free_bytes / 2**30:.1f} GiB needed (INSTALL_MIN_FREE_GB); "
                 "free some space or use a larger volume"
             )
 
-    def _target(self, lock_repo: LockedRepo | None, url: str, ref: str, what: str) -> str:
+    def _target(
+        self, lock_repo: LockedRepo | None, url: str, ref: str, what: str, options: GitOptions
+    ) -> str:
         # Same url and ref as locked: keep the locked commit (a branch does not move under us).
         if lock_repo and lock_repo.url == url and lock_repo.ref == ref and lock_repo.commit:
             return lock_repo.commit
-        return resolve_ref(url, ref, what)
+        return resolve_ref(url, ref, what, options)
 
     def _checkouts(self, lock: Lock | None) -> tuple[CheckoutResult, dict[str, CheckoutResult]]:
         """ComfyUI and every enabled node, in parallel; a node's failure is that node's."""
         inputs = self.inputs
-
-        def comfyui() -> CheckoutResult:
-            target = self._target(
-                lock.comfyui if lock else None, inputs.comfyui_url, inputs.comfyui_ref, "ComfyUI"
-            )
-            holder: list[CheckoutResult] = []
-            self._step(
-                "checkout ComfyUI",
-                lambda: _detail(
-                    holder,
-                    ensure_checkout(
-                        inputs.comfyui_url,
-                        inputs.comfyui_ref,
-                        inputs.install_path,
-                        "ComfyUI",
-                        target,
-                    ),
-                ),
-            )
-            return holder[0]
-
-        def node(spec: CustomNodeSpec) -> CheckoutResult | None:
-            locked = lock.nodes.get(spec.name) if lock else None
-            holder: list[CheckoutResult] = []
-            try:
-                target = self._target(locked, spec.url, spec.ref, f"custom node {spec.name}")
-                self._step(
-                    f"checkout {spec.name}",
-                    lambda: _detail(
-                        holder,
-                        ensure_checkout(
-                            spec.url,
-                            spec.ref,
-                            inputs.custom_nodes_dir / spec.name,
-                            f"custom node {spec.name}",
-                            target,
-                        ),
-                    ),
-                )
-            except InstallError as exc:
-                self._fail_node(spec.name, str(exc))
-                return None
-            self._outcomes[spec.name].commit = holder[0].commit
-            return holder[0]
-
         # ComfyUI first: the nodes are cloned inside its tree.
-        main = comfyui()
+        options = inputs.git_options(inputs.comfyui_auth)
+        with self._step("checkout ComfyUI") as step:
+            target = self._target(
+                lock.comfyui if lock else None,
+                inputs.comfyui_url,
+                inputs.comfyui_ref,
+                "ComfyUI",
+                options,
+            )
+            main = self._checkout(
+                step,
+                inputs.comfyui_url,
+                inputs.comfyui_ref,
+                inputs.install_path,
+                "ComfyUI",
+                target,
+                options,
+            )
         enabled = [n for n in inputs.nodes if n.enabled]
         with ThreadPoolExecutor(inputs.workers) as pool:
-            results = dict(zip([n.name for n in enabled], pool.map(node, enabled), strict=True))
+            results = dict(
+                zip(
+                    [n.name for n in enabled],
+                    pool.map(lambda spec: self._node_checkout(lock, spec), enabled),
+                    strict=True,
+                )
+            )
         return main, {k: v for k, v in results.items() if v is not None}
+
+    def _node_checkout(self, lock: Lock | None, spec: CustomNodeSpec) -> CheckoutResult | None:
+        """The node's checkout; None (and the node failed) when it cannot be had."""
+        what = f"custom node {spec.name}"
+        locked = lock.nodes.get(spec.name) if lock else None
+        options = self.inputs.git_options(self.inputs.node_auth.get(spec.name))
+        try:
+            with self._step(f"checkout {spec.name}") as step:
+                target = self._target(locked, spec.url, spec.ref, what, options)
+                result = self._checkout(
+                    step,
+                    spec.url,
+                    spec.ref,
+                    self.inputs.custom_nodes_dir / spec.name,
+                    what,
+                    target,
+                    options,
+                )
+        except InstallError as exc:
+            self._fail_node(spec.name, str(exc))
+            return None
+        self._outcomes[spec.name].commit = result.commit
+        return result
+
+    def _checkout(
+        self,
+        step: StepRun,
+        url: str,
+        ref: str,
+        dest: Path,
+        what: str,
+        target: str,
+        options: GitOptions,
+    ) -> CheckoutResult:
+        result = ensure_checkout(url, ref, dest, what, target, options)
+        step.finish(_checkout_detail(result), result.action == CheckoutAction.SKIPPED)
+        return result
 
     def _disable_unwanted(self, lock: Lock | None) -> None:
         """Move nodes that are disabled, or no longer declared but were ours, out of ComfyUI's
@@ -304,7 +390,7 @@ class Installer:
         src.rename(dest)
         log.info("custom node moved aside", extra={"fields": {"node": name, "why": why}})
 
-    def _python_env(self) -> str:
+    def _python_env(self, step: StepRun) -> None:
         inputs = self.inputs
         if inputs.venv is None:
             if not pyenv.python_works(inputs.python):
@@ -312,9 +398,11 @@ class Installer:
                     f"COMFYUI_PYTHON={inputs.python} does not run; point it at "
                     "a working Python interpreter or unset it"
                 )
-            return f"skipped: using {inputs.python} as is"
-        made = pyenv.ensure_venv(inputs.venv, inputs.base_python)
-        return f"created {inputs.venv}" if made else f"skipped: {inputs.venv} present"
+            step.finish(f"skipped: using {inputs.python} as is", skipped=True)
+        elif pyenv.ensure_venv(inputs.venv, inputs.base_python):
+            step.finish(f"created {inputs.venv}")
+        else:
+            step.finish(f"skipped: {inputs.venv} present", skipped=True)
 
     def _requirement_files(self) -> tuple[RequirementsFile | None, list[RequirementsFile]]:
         comfyui_file = None
@@ -325,15 +413,33 @@ class Installer:
                 raise InstallError("; ".join(str(p) for p in problems))
         files = []
         for name, outcome in self._outcomes.items():
-            path = self.inputs.custom_nodes_dir / name / "requirements.txt"
-            if outcome.status != "ok" or not path.exists():
+            root = self.inputs.custom_nodes_dir / name
+            path = root / "requirements.txt"
+            if outcome.status != NodeStatus.OK or not (path.exists() or path.is_symlink()):
+                continue
+            # Before anything reads it: a node's requirements stay inside the node.
+            outside, includes = outside_problems(name, path, root)
+            if outside:
+                self._refuse_node(name, "; ".join(str(p) for p in outside))
                 continue
             parsed, problems = check_requirements(name, path, path.read_text())
             if problems:
                 self._fail_node(name, "; ".join(str(p) for p in problems))
                 continue
-            files.append(parsed)
+            files.append(replace(parsed, includes=tuple(includes)))
         return comfyui_file, files
+
+    def _refuse_node(self, name: str, problems: str) -> None:
+        """A node whose requirements reach outside it: failed, or with on_conflict =
+        "skip-node" skipped and moved aside like a conflicting node."""
+        error = f"requirements refused: {problems}"
+        if self.inputs.on_conflict != "skip-node":
+            self._fail_node(name, error)
+            return
+        outcome = self._outcomes[name]
+        outcome.status, outcome.error = NodeStatus.SKIPPED, error
+        log.warning("custom node skipped", extra={"fields": {"node": name, "error": error}})
+        self._move_aside(name, "requirements refused")
 
     def _requirements(self, lock: Lock | None) -> tuple[str, dict[str, str]]:
         """Resolve ComfyUI's and every node's requirements together, torch family protected,
@@ -358,111 +464,61 @@ class Installer:
                     0.0,
                 )
             return req_hash, packages
-        resolution = pyenv.Resolution(
-            [f.path for f in files], run_dir / "constraints.txt", run_dir / "excludes.txt"
-        )
         protection = f"pinned: {', '.join(pins) or '-'}; kept out: {', '.join(excluded) or '-'}"
-
-        def resolve() -> str:
-            nonlocal resolution
-            result = pyenv.install(inputs.python, resolution, dry_run=True)
-            if not result.ok and not result.unsatisfiable:
-                raise InstallError(f"requirements: uv could not resolve them: {result.cause}")
-            skipped = ""
-            if not result.ok:
-                accepted = self._settle_conflicts(base, node_files, resolution)
-                resolution = pyenv.Resolution(
-                    [f.path for f in accepted],
-                    resolution.constraints_file,
-                    resolution.excludes_file,
-                )
-                names = [n.name for n in self._outcomes.values() if n.status == "skipped"]
-                skipped = f"; skipped for conflicts: {', '.join(names)}"
-            return (
-                f"{len(resolution.files)} requirement file(s) in one resolution "
+        with self._step("resolve") as step:
+            resolved = resolve(
+                inputs.python,
+                base,
+                node_files,
+                run_dir / "constraints.txt",
+                run_dir / "excludes.txt",
+            )
+            self._apply_conflicts(resolved.conflicts)
+            names = [c.owner for c in resolved.conflicts]
+            skipped = f"; skipped for conflicts: {', '.join(names)}" if names else ""
+            step.finish(
+                f"{len(resolved.resolution.files)} requirement file(s) in one resolution "
                 f"({protection}){skipped}"
             )
-
-        def install() -> str:
-            result = pyenv.install(inputs.python, resolution)
+        with self._step("install") as step:
+            result = pyenv.install(inputs.python, resolved.resolution)
             if not result.ok:
                 raise InstallError(f"requirements: uv pip install failed: {result.cause}")
-            return pyenv.summary(result)
-
-        self._step("resolve", resolve)
-        self._step("install", install)
+            step.finish(pyenv.summary(result))
         packages = pyenv.installed(inputs.python)
         files = ([base] if base else []) + [
-            f for f in node_files if self._outcomes[f.owner].status == "ok"
+            f for f in node_files if self._outcomes[f.owner].status == NodeStatus.OK
         ]
         return self._requirements_hash(files, packages), packages
+
+    def _apply_conflicts(self, conflicts: tuple[Conflict, ...]) -> None:
+        """on_conflict: skip-node disables the conflicting nodes (the rest installs); fail
+        names them all."""
+        if self.inputs.on_conflict == "skip-node":
+            for conflict in conflicts:
+                outcome = self._outcomes[conflict.owner]
+                outcome.status, outcome.error = NodeStatus.SKIPPED, conflict.message
+                self._move_aside(conflict.owner, "requirements conflict")
+        if conflicts and self.inputs.on_conflict == "fail":
+            raise InstallError(
+                'requirements conflict (on_conflict = "fail"; set '
+                '"skip-node" to install the rest): ' + " | ".join(c.message for c in conflicts)
+            )
 
     def _requirements_hash(self, files: list[RequirementsFile], packages: dict[str, str]) -> str:
         # The pins and exclusions follow from the environment: hashing them as they are after
         # an install is what the next boot computes from an unchanged environment.
         pins = pyenv.constraints(packages, list(self.inputs.protected))
         return digest(
-            [[f.owner, f.path.read_text()] for f in files] + pins + pyenv.excluded(packages)
+            [[f.owner, f.path.read_text(), *(p.read_text() for p in f.includes)] for f in files]
+            + pins
+            + pyenv.excluded(packages)
         )
 
-    def _settle_conflicts(
-        self,
-        base: RequirementsFile | None,
-        node_files: list[RequirementsFile],
-        resolution: pyenv.Resolution,
-    ) -> list[RequirementsFile]:
-        """Find which nodes conflict (with ComfyUI, the pins, or an earlier node) and apply
-        on_conflict: fail names them all; skip-node disables them and keeps the rest."""
-        python = self.inputs.python
-
-        def resolves(files: list[RequirementsFile]) -> pyenv.UvResult:
-            attempt = pyenv.Resolution(
-                [f.path for f in files], resolution.constraints_file, resolution.excludes_file
-            )
-            return pyenv.install(python, attempt, dry_run=True)
-
-        base_files = [base] if base else []
-        if base_files and not (result := resolves(base_files)).ok:
-            raise InstallError(
-                f"requirements: ComfyUI's own requirements do not resolve under "
-                f"the pins: {result.cause}"
-            )
-        accepted: list[RequirementsFile] = []
-        conflicts: list[str] = []
-        for node in node_files:
-            if resolves([*base_files, *accepted, node]).ok:
-                accepted.append(node)
-                continue
-            alone = resolves([*base_files, node])
-            if not alone.ok:
-                other, cause = "ComfyUI's requirements or the protected packages", alone.cause
-            else:
-                other, cause = "an earlier node", ""
-                for earlier in accepted:
-                    pair = resolves([*base_files, earlier, node])
-                    if not pair.ok:
-                        other, cause = f"custom node {earlier.owner}", pair.cause
-                        shared = sorted(node.names & earlier.names)
-                        if shared:
-                            other += f" (both name {', '.join(shared)})"
-                        break
-            message = f"custom node {node.owner} conflicts with {other}: {cause}"
-            conflicts.append(message)
-            if self.inputs.on_conflict == "skip-node":
-                outcome = self._outcomes[node.owner]
-                outcome.status, outcome.error = "skipped", message
-                self._move_aside(node.owner, "requirements conflict")
-        if conflicts and self.inputs.on_conflict == "fail":
-            raise InstallError(
-                'requirements conflict (on_conflict = "fail"; set '
-                '"skip-node" to install the rest): ' + " | ".join(conflicts)
-            )
-        return base_files + accepted
-
-    def _script_status(self, name: str) -> str:
+    def _script_status(self, name: str) -> ScriptStatus:
         if not (self.inputs.custom_nodes_dir / name / "install.py").exists():
-            return "none"
-        return "failed" if name in self._failed_scripts else "ok"
+            return ScriptStatus.NONE
+        return ScriptStatus.FAILED if name in self._failed_scripts else ScriptStatus.OK
 
     def _install_scripts(self, lock: Lock | None, results: dict[str, CheckoutResult]) -> None:
         """Each node's install.py, after the requirements, if its commit is new or it failed."""
@@ -470,12 +526,13 @@ class Installer:
             outcome = self._outcomes[name]
             script = self.inputs.custom_nodes_dir / name / "install.py"
             locked = lock.nodes.get(name) if lock else None
-            if outcome.status != "ok" or not script.exists():
+            if outcome.status != NodeStatus.OK or not script.exists():
                 continue
-            if locked and locked.commit == result.commit and locked.install_py == "ok":
+            if locked and locked.commit == result.commit and locked.install_py == ScriptStatus.OK:
                 continue
             try:
-                self._step(f"install.py {name}", lambda n=name, s=script: self._run_script(n, s))
+                with self._step(f"install.py {name}") as step:
+                    step.finish(self._run_script(name, script))
             except InstallError as exc:
                 self._failed_scripts.add(name)
                 self._fail_node(name, str(exc))
@@ -484,12 +541,15 @@ class Installer:
         log_path = self.inputs.workspace / "logs" / "install" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         timeout = self.inputs.install_py_timeout
-        with log_path.open("wb") as out:
+        # The node's own code: none of the secrets the instances do not get either.
+        env = {k: v for k, v in os.environ.items() if k not in self.inputs.withheld_env}
+        with open_private(log_path, "wb") as out:
             try:
                 # Dies with the agent: a SIGKILLed boot leaves no install.py running.
                 proc = subprocess.run(
                     dies_with_us([str(self.inputs.python), script.name]),
                     cwd=script.parent,
+                    env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     timeout=timeout,
@@ -510,10 +570,9 @@ class Installer:
         return f"ok (log {log_path})"
 
 
-def _detail(holder: list[CheckoutResult], result: CheckoutResult) -> str:
-    holder.append(result)
+def _checkout_detail(result: CheckoutResult) -> str:
     note = " (local edits stashed)" if result.stashed else ""
-    if result.action == "skipped":
+    if result.action == CheckoutAction.SKIPPED:
         return f"skipped: at {result.commit}"
     return f"{result.action} at {result.commit}{note}"
 

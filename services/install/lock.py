@@ -4,13 +4,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import logging
+import re
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from services.files import atomic_write_text
+from services.state import NodeStatus
+
+log = logging.getLogger(__name__)
 
 LOCK_VERSION = 1
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class LockFormatError(ValueError):
+    """The lock's text is not a lock this version wrote (the reason, never its content)."""
+
+
+class ScriptStatus(StrEnum):
+    """How a custom node's install.py went, as locked."""
+
+    NONE = "none"  # the node has none
+    OK = "ok"
+    FAILED = "failed"
 
 
 @dataclass
@@ -23,9 +42,14 @@ class LockedRepo:
 @dataclass
 class LockedNode(LockedRepo):
     enabled: bool = True
-    install_py: str = "none"  # "none" (the node has none), "ok" or "failed"
+    install_py: ScriptStatus = ScriptStatus.NONE
     skipped_reason: str | None = None  # disabled by on_conflict = "skip-node"
-    status: str = "ok"  # "ok", "failed", "skipped" or "disabled": a failed node is retried
+    status: NodeStatus = NodeStatus.OK  # a failed node is retried
+
+    def __post_init__(self) -> None:
+        # Read back from JSON as plain strings; an unknown value makes the lock unreadable.
+        self.install_py = ScriptStatus(self.install_py)
+        self.status = NodeStatus(self.status)
 
 
 @dataclass
@@ -43,25 +67,82 @@ class Lock:
 
     @classmethod
     def from_json(cls, text: str) -> Lock:
-        data: dict[str, Any] = json.loads(text)
-        if data.get("version") != LOCK_VERSION:
-            raise ValueError(f"lock version {data.get('version')} is not {LOCK_VERSION}")
+        """The lock in ``text``; LockFormatError for anything but the shape written here."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LockFormatError(f"not JSON ({exc.msg} at line {exc.lineno})") from None
+        except RecursionError:
+            raise LockFormatError("nested too deeply") from None
+        lock = _expect(data, dict, "the lock")
+        if lock.get("version") != LOCK_VERSION:
+            raise LockFormatError(f"version is not {LOCK_VERSION}")
+        nodes = _expect(lock.get("nodes", {}), dict, "nodes")
         return cls(
-            inputs_hash=data["inputs_hash"],
-            comfyui=LockedRepo(**data["comfyui"]),
-            nodes={k: LockedNode(**v) for k, v in data.get("nodes", {}).items()},
-            python=data.get("python", ""),
-            requirements_hash=data.get("requirements_hash", ""),
-            packages=data.get("packages", {}),
+            inputs_hash=_expect(lock.get("inputs_hash"), str, "inputs_hash"),
+            comfyui=_repo(LockedRepo, lock.get("comfyui"), "comfyui"),
+            nodes={
+                _expect(name, str, "a node name"): _repo(LockedNode, value, f"nodes.{name}")
+                for name, value in nodes.items()
+            },
+            python=_expect(lock.get("python", ""), str, "python"),
+            requirements_hash=_expect(lock.get("requirements_hash", ""), str, "requirements_hash"),
+            packages={
+                _expect(k, str, "a package"): _expect(v, str, f"packages.{k}")
+                for k, v in _expect(lock.get("packages", {}), dict, "packages").items()
+            },
         )
 
 
-def read_lock(path: Path) -> Lock | None:
-    """The lock at ``path``; None if missing or unreadable (then everything is checked anew)."""
+def _expect(value: object, kind: type, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise LockFormatError(f"{what} is not a JSON {kind.__name__}")
+    return value
+
+
+def _repo(cls: type[LockedRepo], value: object, what: str) -> Any:
+    """A LockedRepo or LockedNode from ``value``: known keys of the right types only, and a
+    commit that is a full commit id (or empty for a node that failed)."""
+    data = _expect(value, dict, what)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise LockFormatError(f"{what} has unknown keys")
+    for key in ("url", "ref", "commit"):
+        _expect(data.get(key), str, f"{what}.{key}")
+    if "enabled" in data:
+        _expect(data["enabled"], bool, f"{what}.enabled")
+    if data.get("skipped_reason") is not None:
+        _expect(data["skipped_reason"], str, f"{what}.skipped_reason")
+    commit = data["commit"]
+    if not COMMIT.match(commit) and not (cls is LockedNode and commit == ""):
+        raise LockFormatError(f"{what}.commit is not a commit id")
     try:
-        return Lock.from_json(path.read_text())
-    except (OSError, ValueError, KeyError, TypeError):
+        return cls(**data)
+    except (TypeError, ValueError):  # an unknown install_py or status
+        raise LockFormatError(f"{what} has an unknown status") from None
+
+
+def read_lock(path: Path) -> Lock | None:
+    """The lock at ``path``; None if missing or unreadable (then everything is checked anew
+    and the lock rebuilt). Garbage of any shape is a warning, never an error."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        log.warning("lock unreadable, rebuilding it",
+                    extra={"fields": {"path": str(path), "error": exc.strerror}})
+        return None
+    try:
+        return Lock.from_json(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        reason = "not UTF-8 text"
+    except LockFormatError as exc:
+        reason = str(exc)
+    log.warning("lock unreadable, rebuilding it",
+                extra={"fields": {"path": str(path), "error": reason}})
+    return None
 
 
 def write_lock(path: Path, lock: Lock) -> None:

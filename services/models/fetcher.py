@@ -14,12 +14,13 @@ from pathlib import Path
 
 import aiohttp
 
+from config.errors import DiskFullError
 from config.models import ModelSpec, public_url
-from services.models.download import CHUNK, FetchOptions, fetch_model
+from services.models.download import DISK_FULL_ERRNOS, FetchOptions, disk_full_error, fetch_model
 from services.models.errors import ModelError
 from services.models.paths import destination
 from services.models.record import VerifiedRecord
-from services.state import MachineState, ModelState
+from services.state import MachineState, ModelState, ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,10 @@ CHANGED_EVERY_S = 0.25  # progress wakes ?wait= waiters at most this often
 
 
 def hash_file(path: Path) -> tuple[int, str]:
-    hasher = hashlib.sha256()
-    size = 0
+    """(size, sha256) of the file as read."""
     with path.open("rb") as fh:
-        while block := fh.read(CHUNK * 4):
-            hasher.update(block)
-            size += len(block)
-    return size, hasher.hexdigest()
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        return fh.tell(), digest
 
 
 def _on_disk(spec: ModelSpec, dest: Path, record: VerifiedRecord) -> tuple[int | None, str | None]:
@@ -54,7 +52,7 @@ def _discard(spec: ModelSpec, dest: Path, record: VerifiedRecord) -> None:
 
 
 def register_models(state: MachineState, specs: list[ModelSpec], models_path: Path) -> None:
-    """Put every manifest model into the state as ``missing`` (health lists them at once)."""
+    """Put every manifest model into the state as missing (health lists them at once)."""
     for spec in specs:
         state.models.setdefault(
             spec.name,
@@ -113,7 +111,9 @@ class ModelFetcher:
             await asyncio.gather(*(self._one(s, session, record) for s in specs))
         self._changed(force=True)
         return [
-            self.state.models[s.name] for s in specs if self.state.models[s.name].status == "failed"
+            self.state.models[s.name]
+            for s in specs
+            if self.state.models[s.name].status == ModelStatus.FAILED
         ]
 
     async def _one(
@@ -127,10 +127,14 @@ class ModelFetcher:
                 return
             async with self._sem:
                 await self._download(spec, dest, session, record, ms)
-        except ModelError as exc:
+        except (ModelError, DiskFullError) as exc:
             self._fail(ms, str(exc))
         except OSError as exc:
-            self._fail(ms, f"{spec.name}: {exc.strerror or exc} ({exc.filename or ms.path})")
+            if exc.errno in DISK_FULL_ERRNOS:
+                where = Path(ms.path).parent
+                self._fail(ms, str(disk_full_error(spec, where, exc.strerror or "ENOSPC")))
+            else:
+                self._fail(ms, f"{spec.name}: {exc.strerror or exc} ({exc.filename or ms.path})")
 
     async def _warm(
         self, spec: ModelSpec, dest: Path, record: VerifiedRecord, ms: ModelState
@@ -138,6 +142,12 @@ class ModelFetcher:
         """True when ``dest`` is already the right file (recorded, or hashed now)."""
         size, digest = _on_disk(spec, dest, record)
         if size is None:
+            return False
+        if size == 0:  # never a model, whatever a record or the manifest says
+            log.warning(
+                "model on disk is empty; fetching it again", extra={"fields": {"model": spec.name}}
+            )
+            _discard(spec, dest, record)
             return False
         if digest is None:
             size, digest = await asyncio.to_thread(hash_file, dest)
@@ -152,7 +162,7 @@ class ModelFetcher:
                 return False
             record.add(spec.name, dest, digest)
         ms.bytes_done = ms.bytes_total = size
-        self._verified(ms, digest)
+        self._verified(ms, spec, digest)
         return True
 
     async def _download(
@@ -164,7 +174,8 @@ class ModelFetcher:
         ms: ModelState,
     ) -> None:
         loop = asyncio.get_running_loop()
-        ms.status, ms.started_at, ms.session_bytes, ms.bytes_done = "downloading", time.time(), 0, 0
+        ms.status, ms.started_at = ModelStatus.DOWNLOADING, time.time()
+        ms.session_bytes = ms.bytes_done = 0
         self._changed(force=True)
         log.info("model download", extra={"fields": {"model": spec.name, "url": ms.url}})
 
@@ -186,12 +197,12 @@ class ModelFetcher:
             spec, dest, session, token or None, threadsafe if is_file else progress, self.options
         )
         await asyncio.sleep(0)  # let queued thread-side progress land
-        record.add(spec.name, dest, digest)
-        ms.bytes_total = ms.bytes_done
-        self._verified(ms, digest)
+        # What is on disk, whatever retries and restarts the progress counted on the way.
+        ms.bytes_done = ms.bytes_total = record.add(spec.name, dest, digest)
+        self._verified(ms, spec, digest)
         elapsed = time.time() - (ms.started_at or time.time())
         log.info(
-            "model verified",
+            f"model {ms.status}",
             extra={
                 "fields": {
                     "model": spec.name,
@@ -202,17 +213,21 @@ class ModelFetcher:
             },
         )
 
-    def _verified(self, ms: ModelState, digest: str) -> None:
-        ms.status, ms.verified_sha256, ms.error, ms.finished_at = (
-            "verified",
-            digest,
-            None,
-            time.time(),
-        )
+    def _verified(self, ms: ModelState, spec: ModelSpec, digest: str) -> None:
+        """On disk: ``verified`` when the manifest's sha256 or size was checked, else
+        ``unverified`` (present, but nothing said what the file should be)."""
+        if not spec.verifiable:
+            log.warning(
+                "model kept unverified: the manifest gives neither sha256 nor size",
+                extra={"fields": {"model": spec.name, "sha256": digest}},
+            )
+        status = ModelStatus.VERIFIED if spec.verifiable else ModelStatus.UNVERIFIED
+        ms.status, ms.verified_sha256, ms.error = status, digest, None
+        ms.finished_at = time.time()
         self.state.models_generation += 1
         self._changed(force=True)
 
     def _fail(self, ms: ModelState, error: str) -> None:
-        ms.status, ms.error, ms.finished_at = "failed", error, time.time()
+        ms.status, ms.error, ms.finished_at = ModelStatus.FAILED, error, time.time()
         log.error("model failed", extra={"fields": {"model": ms.name, "error": error}})
         self._changed(force=True)

@@ -84,7 +84,7 @@ async def check_instance(
 async def _required_models(
     state: MachineState, inst: InstanceState, client: ComfyClient
 ) -> list[str]:
-    wanted = [m for m in state.models.values() if m.required and m.status == "verified"]
+    wanted = [m for m in state.models.values() if m.required and m.present]
     listings: dict[str, list[str] | None] = {}
     problems = []
     for model in wanted:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.models import ModelSpec
+from config.models import RECORD_NAME, ModelSpec
 from services.models.errors import ModelError
 
-RECORD_NAME = ".comfy-machine-verified.json"
+__all__ = ["RECORD_NAME", "destination", "part_meta_path", "part_path"]
 
 
 def destination(models_path: Path, spec: ModelSpec) -> Path:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import psutil
 
-from config.errors import SupervisorError
-from services.files import atomic_write_text
+from config.errors import SupervisorError, WorkspaceBusy
+from services.files import atomic_write_text, file_identity, unlink_if_same
 from services.plan import NodePlan
 from services.supervisor.conf import render_conf
 from services.supervisor.launch import dies_with_us
 from services.supervisor.rpc import SupervisorRpc
+from services.workspace_lock import busy_message, live_owner
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,12 @@ def _kill_tree(root: psutil.Process, sig: int) -> list[psutil.Process]:
 def reap_stale(plan: NodePlan, timeout: float) -> int | None:
     """Stop a supervisord left running on this workspace by an agent that died; its pid or None.
 
-    With the parent-death signal this should not happen; this is the belt to those braces."""
+    With the parent-death signal this should not happen; this is the belt to those braces.
+    Only a provably dead owner's supervisord is stale: when another live process holds the
+    workspace's owner lock, its supervisord is left alone and WorkspaceBusy raised."""
+    owner = live_owner(plan.workspace)
+    if owner is not None:
+        raise WorkspaceBusy(busy_message(plan.workspace, owner))
     pidfile = plan.run_dir / "supervisord.pid"
     try:
         pid = int(pidfile.read_text().strip())
@@ -50,6 +56,9 @@ def reap_stale(plan: NodePlan, timeout: float) -> int | None:
         return None
     log.warning("stopping stale supervisord", extra={"fields": {"pid": pid}})
     procs = _kill_tree(proc, signal.SIGTERM)
+    for stopped in procs:  # a stopped process acts on SIGTERM only once continued
+        with contextlib.suppress(psutil.NoSuchProcess):
+            stopped.send_signal(signal.SIGCONT)
     _gone, alive = psutil.wait_procs(procs, timeout=timeout)
     for leftover in alive:
         _kill_tree(leftover, signal.SIGKILL)
@@ -64,6 +73,7 @@ class Supervisord:
         self.plan = plan
         self.rpc = SupervisorRpc(plan.supervisor_socket)
         self._proc: asyncio.subprocess.Process | None = None
+        self._socket: tuple[int, int] | None = None  # the RPC socket our supervisord made
 
     @property
     def pid(self) -> int | None:
@@ -117,6 +127,7 @@ class Supervisord:
                 )
             with contextlib.suppress(SupervisorError):
                 if await self.rpc.state() == "RUNNING":
+                    self._socket = file_identity(self.plan.supervisor_socket)
                     return
             if time.monotonic() > deadline:
                 await self.stop()
@@ -125,6 +136,12 @@ class Supervisord:
                     f"{START_DEADLINE_S:.0f}s: {self._output_tail()}"
                 )
             await asyncio.sleep(0.05)
+
+    def remove_socket(self) -> None:
+        """Remove the RPC socket if it is still the one our supervisord created (a supervisord
+        that was killed leaves it behind); never a socket of another agent's supervisord."""
+        unlink_if_same(self.plan.supervisor_socket, self._socket)
+        self._socket = None
 
     def _output_tail(self) -> str:
         try:

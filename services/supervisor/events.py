@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.files import file_identity, unlink_if_same
 from services.supervisor.states import ProcessState
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,15 @@ class EventReceiver:
         self._path = path
         self._on_event = on_event
         self._transport: asyncio.DatagramTransport | None = None
+        self._bound: tuple[int, int] | None = None  # the socket file we created
 
     async def start(self) -> None:
+        # A socket already here is a dead owner's: the workspace lock keeps live ones out.
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(self._path))
+        self._bound = file_identity(self._path)
         self._path.chmod(0o600)
         loop = asyncio.get_running_loop()
         self._transport, _ = await loop.create_datagram_endpoint(
@@ -82,8 +86,10 @@ class EventReceiver:
         )
 
     def close(self) -> None:
+        # Only the socket this receiver bound, never one another agent has bound since; checked
+        # while ours is still open, so its inode cannot have been reused by theirs.
+        unlink_if_same(self._path, self._bound)
+        self._bound = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()

@@ -21,12 +21,12 @@ class ProcessState(IntEnum):
         return cls.__members__.get(name, cls.UNKNOWN)
 
 
-# A process in one of these has a live pid the agent can probe.
-ALIVE_STATES = frozenset({ProcessState.STARTING, ProcessState.RUNNING, ProcessState.STOPPING})
-# supervisord will not restart a process in these on its own.
-STOPPED_STATES = frozenset(
-    {ProcessState.STOPPED, ProcessState.EXITED, ProcessState.FATAL, ProcessState.UNKNOWN}
-)
+# The process is up or coming up: it has a pid the agent probes (unless it has just died).
+UP_STATES = frozenset({ProcessState.STARTING, ProcessState.RUNNING})
+# The process has exited (supervisord may still start it again).
+EXITED_STATES = frozenset({ProcessState.EXITED, ProcessState.BACKOFF, ProcessState.FATAL})
+# A STARTING that follows one of these is a restart, not the first start.
+RESTART_FROM_STATES = frozenset({ProcessState.EXITED, ProcessState.BACKOFF})
 
 
 class Fault(IntEnum):

@@ -7,8 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tests.support import Node, free_port_range, wait_until
 
@@ -178,3 +181,30 @@ def test_install_reports_steps_as_json_lines_and_fails_on_a_broken_node(
     failing = run_cli("install", env={**env, "COMFYUI_CUSTOM_NODES": f"{good},{broken}"})
     assert failing.returncode == 1
     assert "custom node broken import failed: No module named 'nonexistent_dep'" in failing.stderr
+
+
+def test_workspace_that_is_a_file_exits_2_for_every_writer(workspace: Path) -> None:
+    afile = workspace / "ws"
+    afile.write_text("")
+    env = {"MACHINE_WORKSPACE": str(afile), "COMFYUI_CPU_ONLY": "1"}
+    for command in ("up", "install", "models"):
+        out = run_cli(command, env=env)
+        assert out.returncode == 2, (command, out.stderr)
+        lines = out.stderr.splitlines()
+        assert lines[0] == "comfy-machine: invalid settings, nothing was started:"
+        assert lines[1].strip().startswith(
+            f"MACHINE_WORKSPACE='{afile}': is a file, not a directory;"
+        ), out.stderr
+    demo = run_cli("demo", "--workspace", str(afile / "demo"))
+    assert demo.returncode == 2 and f"--workspace='{afile / 'demo'}'" in demo.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "soon"])
+def test_wait_ready_timeout_must_be_a_finite_number_of_seconds(value: str) -> None:
+    port = free_port_range(1)
+    start = time.monotonic()
+    out = run_cli("wait-ready", "--timeout", value, "--url", f"http://127.0.0.1:{port}", timeout=20)
+    assert out.returncode == 2
+    assert f"argument --timeout: {value!r} is not a number of seconds >= 0" in out.stderr
+    assert "health server" not in out.stderr
+    assert time.monotonic() - start < 15

@@ -6,8 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from services.gpu.nvml import FakeGpu, FakeNvml
-from tests.support import Node, wait_until
+import psutil
+
+from services.gpu.fake import FakeGpu, FakeNvml
+from tests.integration.test_cli import run_cli
+from tests.support import Node, free_port_range, http_json, wait_until
 
 
 def fake_gpus(count: int) -> list[FakeGpu]:
@@ -80,6 +83,65 @@ def test_faults_quarantine_their_gpu_and_the_others_keep_serving(
     assert _metric(metrics, "comfy_machine_gpu_quarantined", 'gpu="0"') == 0.0
 
 
+def test_a_gpu_selection_keeps_each_gpus_nvml_index_everywhere(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    # COMFYUI_GPUS=1,3 of four GPUs: `gpu` is the NVML index in every name, port, URL, label.
+    nvml_file = tmp_path / "nvml.json"
+    gpus = fake_gpus(4)
+    FakeNvml.write(nvml_file, gpus)
+    start = free_port_range(4)
+    token = {"MACHINE_HEALTH_TOKEN": "gpu-index-test-token"}  # the log route needs one
+    node = gpu_node(
+        make_node, nvml_file, 2, COMFYUI_GPUS="1,3", COMFYUI_PORT_START=str(start), **token
+    ).start()
+    body = node.wait_ready()
+    assert [i["gpu"] for i in body["instances"]] == [1, 3], body
+    for gpu in (1, 3):
+        code, inst = node.instance(gpu)
+        assert code == 200, inst
+        assert inst["gpu"] == gpu and inst["name"] == f"comfyui-gpu{gpu}"
+        assert inst["port"] == start + gpu and inst["url"] == f"http://127.0.0.1:{start + gpu}"
+        assert inst["gpu_uuid"] == gpus[gpu].uuid == inst["nvml"]["uuid"]
+        assert inst["nvml"]["index"] == gpu
+        assert inst["log_path"].endswith(f"comfyui-gpu{gpu}.log")
+        # The URL reaches that very instance, bound to that GPU by UUID.
+        code, stats = http_json(inst["url"] + "/system_stats")
+        assert code == 200 and str(start + gpu) in stats["system"]["argv"]
+        assert psutil.Process(inst["pid"]).environ()["CUDA_VISIBLE_DEVICES"] == gpus[gpu].uuid
+    for absent in (0, 2):
+        code, missing = node.instance(absent)
+        assert code == 404 and missing["known_gpus"] == [1, 3], missing
+
+    metrics = _metrics(node)
+    for gpu in (1, 3):
+        labels = f'gpu="{gpu}"', f'name="comfyui-gpu{gpu}"', f'port="{start + gpu}"'
+        assert _metric(metrics, "comfy_machine_instance_ready", *labels) == 1.0
+        gpu_labels = f'gpu="{gpu}"', f'UUID="{gpus[gpu].uuid}"', f'device="nvidia{gpu}"'
+        assert _metric(metrics, "comfy_machine_gpu_temperature_celsius", *gpu_labels) == 40.0
+        assert _metric(metrics, "comfy_machine_gpu_quarantined", f'gpu="{gpu}"') == 0.0
+    assert 'name="comfyui-gpu0"' not in metrics and 'name="comfyui-gpu2"' not in metrics
+
+    # The CLI's --gpu is the same number.
+    logs = run_cli("logs", "--gpu", "3", "--tail", "50", "--url", node.url, env=token)
+    assert logs.returncode == 0 and f":{start + 3}" in logs.stdout, (logs.stdout, logs.stderr)
+    wait = run_cli("wait-ready", "--gpu", "1", "--timeout", "5", "--url", node.url)
+    assert wait.returncode == 0 and f"127.0.0.1:{start + 1}" in wait.stdout, wait
+
+    # A fault on GPU 3 stops comfyui-gpu3 and says gpu 3; comfyui-gpu1 keeps serving.
+    gpus[3].xids.append(79)
+    FakeNvml.write(nvml_file, gpus)
+    code, inst = wait_until(
+        lambda: (r := node.instance(3))[1]["state"] == "STOPPED" and r, 20, "GPU 3's instance"
+    )
+    assert code == 503 and "Xid 79" in inst["reasons"][0], inst
+    assert node.instance(1)[0] == 200
+    metrics = _metrics(node)
+    assert _metric(metrics, "comfy_machine_gpu_quarantined", 'gpu="3"') == 1.0
+    assert _metric(metrics, "comfy_machine_gpu_quarantined", 'gpu="1"') == 0.0
+    assert _metric(metrics, "comfy_machine_instance_ready", 'name="comfyui-gpu3"') == 0.0
+
+
 def test_a_gpu_its_python_cannot_see_fails_the_self_test_and_is_quarantined(
     make_node: Callable[..., Node], tmp_path: Path
 ) -> None:
@@ -129,8 +191,9 @@ def _metrics(node: Node) -> str:
         return resp.read().decode()
 
 
-def _metric(text: str, name: str, label: str) -> float:
+def _metric(text: str, name: str, *labels: str) -> float:
+    """The value of the series of ``name`` whose labels include every one of ``labels``."""
     for line in text.splitlines():
-        if line.startswith(name + "{") and label in line:
+        if line.startswith(name + "{") and all(label in line for label in labels):
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name} with {label}")
+    raise AssertionError(f"no {name} with {labels}")

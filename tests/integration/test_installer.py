@@ -3,6 +3,7 @@ wheels from a local directory: pins, conflicts, install.py, the lock and warm bo
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import git
 import pytest
 
-from config.errors import InstallError
+from config.errors import DiskFullError, InstallError
 from config.nodes import CustomNodeSpec
 from services.install import pyenv
 from services.install.installer import Installer, InstallInputs
@@ -244,3 +245,12 @@ def test_half_made_venv_is_not_taken(tmp_path: Path, sources: dict[str, str], wh
     (venv / "bin").mkdir(parents=True)  # what a venv creation killed early leaves
     Installer(inputs(tmp_path, sources, nodes=()), Steps()).run()
     assert pyenv.python_works(venv / "bin" / "python")
+
+
+def test_too_little_disk_is_a_disk_full_error(tmp_path: Path, sources: dict[str, str]) -> None:
+    """Checked before anything is cloned; the error is a type, with the numbers."""
+    too_much = dataclasses.replace(inputs(tmp_path, sources, nodes=()), min_free_bytes=2**62)
+    steps = Steps()
+    with pytest.raises(DiskFullError, match="INSTALL_MIN_FREE_GB"):
+        Installer(too_much, steps).run()
+    assert steps.final == {} and not (tmp_path / "ws" / "ComfyUI").exists()

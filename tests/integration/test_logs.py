@@ -27,16 +27,21 @@ from tests.support import Node, wait_until
 from tests.unit.test_checks import instance, make_ready, node
 
 LOG_ROUTE = "/health/comfyui/instances/0/log"
+# The log route answers only holders of MACHINE_HEALTH_TOKEN (tests/security covers 401/403).
+TOKEN = "log-reader-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 async def log_client(aiohttp_client, log: Path) -> TestClient:  # type: ignore[no-untyped-def]
     inst = make_ready(instance(0))
     state = node(InstanceState(plan=replace(inst.plan, log_path=log)))
-    return await aiohttp_client(create_app(state))
+    return await aiohttp_client(create_app(state, log_token=TOKEN))
 
 
 async def get(client: TestClient, **params: object) -> tuple[int, dict]:
-    resp = await client.get(LOG_ROUTE, params={k: str(v) for k, v in params.items()})
+    resp = await client.get(
+        LOG_ROUTE, params={k: str(v) for k, v in params.items()}, headers=AUTH
+    )
     return resp.status, await resp.json()
 
 
@@ -59,9 +64,9 @@ async def test_tail_is_bounded_and_validated(aiohttp_client, tmp_path: Path) -> 
     for bad in ("0", "1001", "abc", "-5"):
         code, body = await get(client, tail=bad)
         assert code == 400 and body["status"] == "error" and "tail" in body["error"]
-    resp = await client.get("/health/comfyui/instances/7/log")
+    resp = await client.get("/health/comfyui/instances/7/log", headers=AUTH)
     assert resp.status == 404 and (await resp.json())["known_gpus"] == [0]
-    resp = await client.get("/health/comfyui/instances/x/log")
+    resp = await client.get("/health/comfyui/instances/x/log", headers=AUTH)
     assert resp.status == 400 and "not a GPU index" in (await resp.json())["error"]
 
 
@@ -138,15 +143,19 @@ async def test_follow_holds_partial_lines_and_survives_rotation(
 
 
 def test_logs_command_prints_and_follows(make_node: Callable[..., Node]) -> None:
-    node = make_node(gpus=1).start()
+    node = make_node(gpus=1, MACHINE_HEALTH_TOKEN=TOKEN).start()
     node.wait_ready()
-    out = run_cli("logs", "--gpu", "0", "--tail", "3", "--url", node.url)
+    # Without the token the node refuses, and says how to send it.
+    denied = run_cli("logs", "--gpu", "0", "--url", node.url, env={"MACHINE_HEALTH_TOKEN": ""})
+    assert denied.returncode == 1 and "Authorization: Bearer" in denied.stderr
+    env = {"MACHINE_HEALTH_TOKEN": TOKEN}
+    out = run_cli("logs", "--gpu", "0", "--tail", "3", "--url", node.url, env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 3 and any("To see the GUI go to" in line for line in lines)
-    unknown = run_cli("logs", "--gpu", "7", "--url", node.url)
+    unknown = run_cli("logs", "--gpu", "7", "--url", node.url, env=env)
     assert unknown.returncode == 1 and "no instance for gpu 7" in unknown.stderr
-    bad = run_cli("logs", "--gpu", "0", "--tail", "5000", "--url", node.url)
+    bad = run_cli("logs", "--gpu", "0", "--tail", "5000", "--url", node.url, env=env)
     assert bad.returncode == 1 and "tail" in bad.stderr
 
     follow = subprocess.Popen(
@@ -154,6 +163,7 @@ def test_logs_command_prints_and_follows(make_node: Callable[..., Node]) -> None
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **env},
     )
     seen: list[str] = []
     assert follow.stdout is not None

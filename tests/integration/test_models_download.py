@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from config.models import ModelEntry, build_model_specs
+from health.checks import models_report
 from services.models.download import FetchOptions
 from services.models.fetcher import ModelFetcher
-from services.models.report import models_report
 from services.state import MachineState
 from tests.integration.test_models_server import FileServer
 from tests.support import short_tmpdir
@@ -233,7 +233,7 @@ def small_disk(root: Path) -> Iterator[Path]:
     mount = root / "small"
     mount.mkdir()
     if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("a full-disk test needs root to mount a 1 MiB tmpfs")
+        pytest.skip("mounting its 1 MiB tmpfs needs root and `mount`: run the tests as root")
     proc = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
         capture_output=True,
@@ -241,7 +241,10 @@ def small_disk(root: Path) -> Iterator[Path]:
         check=False,
     )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs CAP_SYS_ADMIN "
+            "(in Docker: --cap-add SYS_ADMIN)"
+        )
     yield mount
     subprocess.run(["umount", str(mount)], check=False)
 
@@ -302,3 +305,35 @@ def test_models_command_exit_codes(root: Path, server: FileServer) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_models_command_piped_prints_each_line_once(root: Path, server: FileServer) -> None:
+    """Off a terminal every line comes once: one JSON line per finished model, then the
+    summary (the final flush after the fetch used to print every model a second time)."""
+    digest = serve(server, "j.safetensors", 2000)
+    local = root / "k.bin"
+    local.write_bytes(b"k" * 3000)
+    toml = root / "machine.toml"
+    toml.write_text(
+        f'[[models]]\nurl = "{server.url("files", "j.safetensors")}"\nfolder = "checkpoints"\n'
+        f'sha256 = "{digest}"\n\n'
+        f'[[models]]\nurl = "{local.as_uri()}"\nfolder = "vae"\n'
+    )
+    env = {**os.environ, "MACHINE_CONFIG": str(toml), "MACHINE_WORKSPACE": str(root / "ws")}
+    for _ in range(2):  # downloaded, then verified warm from the record
+        proc = subprocess.run(
+            [sys.executable, "-m", "machine", "models"],
+            env=env,
+            capture_output=True,  # stdout is a pipe, not a terminal
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert len(lines) == len(set(lines)), proc.stdout
+        names = [json.loads(line)["name"] for line in lines if line.startswith("{")]
+        assert sorted(names) == ["checkpoints/j.safetensors", "vae/k.bin"], proc.stdout
+        # k.bin has no sha256 or size: on disk, but said to be unverified.
+        assert len(lines) == 3, proc.stdout
+        assert lines[-1].startswith("1 model(s) verified, 1 unverified"), proc.stdout

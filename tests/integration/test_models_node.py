@@ -45,7 +45,7 @@ def test_workflow_file_in_the_wrong_folder_and_background_progress(
 ) -> None:
     good = _serve(server, "good.safetensors", 1000)
     _serve(server, "wrong.safetensors", 1000)
-    _serve(server, "later.safetensors", 2 * MIB)
+    later_sha = _serve(server, "later.safetensors", 2 * MIB)
     server.slow_delay = 0.05  # 32 pieces: ~1.6 s of visible progress
     workflow = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "good.safetensors"}},
@@ -67,7 +67,9 @@ def test_workflow_file_in_the_wrong_folder_and_background_progress(
         'workflows = ["flow.json"]\n\n'
         + _model(server.url("files", "good.safetensors"), "checkpoints", sha256=good)
         + _model(server.url("files", "wrong.safetensors"), "loras")
-        + _model(server.url("slow", "later.safetensors"), "vae", when="background")
+        + _model(
+            server.url("slow", "later.safetensors"), "vae", when="background", sha256=later_sha
+        )
     )
     node = make_node(gpus=1, MACHINE_CONFIG=str(toml)).start()
     seen = wait_until(
@@ -130,6 +132,7 @@ def test_instance_that_does_not_list_a_required_model_is_not_ready(
     assert code == 503 and inst["ready"] is False
     assert "'q.gguf' under diffusion_models" in inst["reasons"][0]
     code, models = node.get("/health/comfyui/models")
-    assert code == 503 and models["models"][0]["status"] == "verified"
+    # No sha256 or size in the manifest: on disk unverified, and still checked in the listing.
+    assert code == 503 and models["models"][0]["status"] == "unverified"
     assert models["instances"][0]["mismatches"] == inst["reasons"]
     assert node.get("/health/comfyui")[0] == 503

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -67,8 +68,16 @@ def test_kill_9_is_503_within_a_second_then_ready_again(make_node: Callable[...,
 
 
 def test_crash_loop_ends_fatal_with_log_tail(make_node: Callable[..., Node]) -> None:
-    # An unknown flag makes ComfyUI (and the stand-in) exit 2 at every start.
-    node = make_node(gpus=1, COMFYUI_ARGS="--no-such-flag", INSTANCE_START_RETRIES="2").start()
+    # An unknown flag makes ComfyUI (and the stand-in) exit 2 at every start. A start counts as
+    # failed only if the process exits within startsecs; the stand-in needs 0.3-1.5 s (imports)
+    # to get to argparse, so with the suite's startsecs of 1 a slow exit counted as RUNNING and
+    # reset supervisord's retry count: FATAL could take any time. The default (10 s) is exact.
+    node = make_node(
+        gpus=1,
+        COMFYUI_ARGS="--no-such-flag",
+        INSTANCE_START_RETRIES="2",
+        INSTANCE_STARTSECS="10",
+    ).start()
 
     def fatal() -> dict | None:
         # The log tail is read from supervisord right after the FATAL event lands.
@@ -116,8 +125,16 @@ def test_sigterm_stops_everything_cleanly(make_node: Callable[..., Node]) -> Non
     _gone, alive = psutil.wait_procs(tree, timeout=5)
     assert alive == []
     # Instances got SIGINT (ComfyUI's clean shutdown), not SIGTERM.
-    for log in (node.workspace / "logs").glob("comfyui-gpu*.log"):
+    logs = sorted((node.workspace / "logs").glob("comfyui-gpu*.log"))
+    assert [log.name for log in logs] == ["comfyui-gpu0.log", "comfyui-gpu1.log"]
+    for log in logs:
         assert "Stopped server" in log.read_text()
+    # The agent's log shows every instance reaching STOPPED (one line each).
+    lines = [json.loads(line) for line in node.log_path.read_text().splitlines()
+             if line.startswith("{")]
+    stopped = [e["instance"] for e in lines if e["event"] == "process state"
+               and e["to"] == "STOPPED"]
+    assert sorted(stopped) == ["comfyui-gpu0", "comfyui-gpu1"]
 
 
 def test_sigkill_of_the_agent_leaves_no_orphan(make_node: Callable[..., Node]) -> None:

@@ -77,7 +77,10 @@ def test_prometheus_scrapes_the_node_service_on_its_health_port() -> None:
     assert "comfy-machine" in services()
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) not installed")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool is not installed (Debian package `prometheus`: apt-get install prometheus)",
+)
 def test_promtool_accepts_the_prometheus_config() -> None:
     out = subprocess.run(
         ["promtool", "check", "config", str(COMPOSE.parent / "prometheus.yml")],

@@ -122,16 +122,18 @@ def test_arguments_pass_through_and_only_boots_run_hooks(site: Site) -> None:
     assert up.stderr.startswith("comfy-machine: invalid settings, nothing was started:")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="changing user needs root: run the tests as root (e.g. in Docker)"
+)
 def test_as_root_the_workspace_is_given_to_machine_user_and_hooks_run_as_them(
     site: Site,
 ) -> None:
     try:
         user = pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("no user `nobody` here")
+        pytest.skip("no user `nobody` here: useradd --system --no-create-home nobody")
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+        pytest.skip("setpriv is not installed: apt-get install util-linux")
     site.root.chmod(0o755)  # short_tmpdir() makes it 0700: the user must get through it
     (site.workspace / "models" / "sub").mkdir(parents=True)
     record = '{ id -u; echo "$HOME"; stat -c %U "$MACHINE_WORKSPACE/models/sub"; }'
@@ -156,13 +158,15 @@ def test_as_root_the_workspace_is_given_to_machine_user_and_hooks_run_as_them(
 
 def _pid1_unavailable() -> str | None:
     if os.geteuid() != 0:
-        return "a PID namespace needs root"
+        return "a PID namespace needs root: run the tests as root (e.g. in Docker)"
     if shutil.which("tini") is None or shutil.which("unshare") is None:
-        return "tini (the image's PID 1) or unshare is not installed here"
+        return "tini (the image's PID 1) or unshare is missing: apt-get install tini util-linux"
     probe = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True
     )
-    return "unshare cannot make a PID namespace here" if probe.returncode else None
+    if probe.returncode:
+        return "unshare cannot make a PID namespace: needs CAP_SYS_ADMIN (Docker: --privileged)"
+    return None
 
 
 @pytest.mark.skipif(_pid1_unavailable() is not None, reason=str(_pid1_unavailable()))

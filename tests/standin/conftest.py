@@ -8,7 +8,6 @@ and stderr going to files, and is waited for by polling ``/system_stats`` until 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -26,18 +25,7 @@ import pytest
 
 from machine.standin import SOURCE_DIR
 
-# Recordings of a real ComfyUI; in CI ../shared sits beside the repository root.
-RECORDINGS = Path(__file__).resolve().parents[3] / "shared" / "comfyui-api"
-
 READY_TIMEOUT_S = 10.0
-
-
-def recording(name: str) -> Any:
-    """Load one recorded capture (JSON); skips the test when the recordings are absent."""
-    path = RECORDINGS / name
-    if not path.is_file():
-        pytest.skip(f"recordings not found: {path}")
-    return json.loads(path.read_text())
 
 
 def free_port() -> int:

@@ -1,7 +1,7 @@
 """The ComfyUI stand-in against recordings of a real ComfyUI 0.3.64.
 
 Every test runs real stand-in processes (see conftest.py) and compares what they answer
-with the captures in ``shared/comfyui-api``: status codes, content types, JSON shapes,
+with the captures in ``tests/fixtures/comfyui-0.3.64``: status codes, content types, JSON shapes,
 websocket message sequences and log lines.
 """
 
@@ -19,8 +19,9 @@ import aiohttp
 import pytest
 
 from machine.standin import STANDIN_COMFYUI_VERSION
+from tests.support import recording
 
-from .conftest import StandIn, recording
+from .conftest import StandIn
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEADLINE_S = 10.0
@@ -254,7 +255,7 @@ async def test_get_matches_recording(shared_standin: StandIn, name: str) -> None
 
 
 async def test_builtin_object_info_matches_recording(shared_standin: StandIn) -> None:
-    recorded = recording("GET_object_info_full.json")["body"]
+    recorded = recording("GET_object_info_standin_nodes.json")["body"]
     async with aiohttp.ClientSession() as session:
         status, body, _ = await fetch(session, shared_standin.url + "/object_info")
     assert status == 200

@@ -3,14 +3,16 @@ and GPU selection (NUM_GPUS, COMFYUI_GPUS)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
 
 from config.errors import ConfigError, GpuError
 from config.settings import load_settings
-from services.gpu.nvml import FakeGpu, FakeNvml, RealNvml, throttle_names
-from services.gpus import Gpu
+from services.gpu.fake import FakeGpu, FakeNvml
+from services.gpu.interface import Gpu, Nvml, list_gpus
+from services.gpu.nvml import RealNvml, throttle_names
 from services.plan import make_plan
 
 
@@ -20,8 +22,14 @@ def fake(count: int = 2) -> FakeNvml:
 
 def test_fake_inventory_and_sample() -> None:
     nvml = fake()
-    assert [g.uuid for g in nvml.list_gpus()] == ["GPU-0", "GPU-1"]
-    assert isinstance(nvml.list_gpus()[0], Gpu)
+    # `gpu` in names, ports and health paths is the index: NVML's order, numbered from 0.
+    gpus = list_gpus(nvml)
+    assert [(g.index, g.uuid, g.name) for g in gpus] == [
+        (0, "GPU-0", "NVIDIA GeForce RTX 4090"),
+        (1, "GPU-1", "NVIDIA GeForce RTX 4090"),
+    ]
+    assert gpus[0].memory_total_bytes == 24 * 2**30 and not gpus[0].is_cpu
+    assert not nvml.is_open  # list_gpus closes again
     inventory = nvml.open()
     assert inventory.driver_version == "550.54.15" and inventory.cuda_version == "12.4"
     assert inventory.devices[1].pci_bus_id == "00000000:02:00.0"
@@ -60,7 +68,7 @@ def test_fake_from_file_rereads_it(tmp_path: Path) -> None:
     assert nvml.sample(0).lost
     FakeNvml.write(path, gpus, no_driver=True)
     with pytest.raises(GpuError, match="COMFYUI_CPU_ONLY=true"):
-        nvml.list_gpus()
+        list_gpus(nvml)
 
 
 def test_sampling_needs_open() -> None:
@@ -83,15 +91,23 @@ def _nvml_available() -> bool:
     return True
 
 
-@pytest.mark.skipif(_nvml_available(), reason="an NVIDIA driver is present on this machine")
+@pytest.mark.skipif(
+    _nvml_available(),
+    reason="an NVIDIA driver is present, so its absence cannot be tested: runs on a machine "
+    "without one",
+)
 def test_real_adapter_without_driver_names_the_fix() -> None:
-    for call in (RealNvml().open, RealNvml().list_gpus):
+    for call in (RealNvml().open, lambda: list_gpus(RealNvml())):
         with pytest.raises(GpuError) as info:
             call()
         assert "nvmlInit failed" in str(info.value) and "COMFYUI_CPU_ONLY=true" in str(info.value)
 
 
-@pytest.mark.skipif(not _nvml_available(), reason="no NVIDIA driver on this machine")
+@pytest.mark.skipif(
+    not _nvml_available(),
+    reason="no NVIDIA driver (NVML) here: run on a host with an NVIDIA GPU and its driver "
+    "(in Docker: --gpus all)",
+)
 def test_real_adapter_on_a_gpu() -> None:
     nvml = RealNvml()
     inventory = nvml.open()
@@ -102,6 +118,10 @@ def test_real_adapter_on_a_gpu() -> None:
         nvml.xid_events()
     finally:
         nvml.close()
+    # The plan's inventory comes from the same adapter: every GPU, NVML index order.
+    gpus = list_gpus(RealNvml())
+    assert [(g.index, g.uuid) for g in gpus] == [(d.index, d.uuid) for d in inventory.devices]
+    assert [g.index for g in gpus] == list(range(len(gpus)))
 
 
 def test_throttle_names() -> None:
@@ -119,7 +139,10 @@ def test_comfyui_gpus_picks_indices_and_uuids_in_order() -> None:
     plan = plan_for({"COMFYUI_GPUS": "3, GPU-1aaa"})
     assert [i.gpu_uuid for i in plan.instances] == ["GPU-3aaa", "GPU-1aaa"]
     assert [i.env["CUDA_VISIBLE_DEVICES"] for i in plan.instances] == ["GPU-3aaa", "GPU-1aaa"]
-    assert [i.gpu for i in plan.instances] == [0, 1]  # slots, so ports stay consecutive
+    # ``gpu`` is the NVML index: names, ports and log files follow it, in the order given.
+    assert [i.gpu for i in plan.instances] == [3, 1]
+    assert [i.name for i in plan.instances] == ["comfyui-gpu3", "comfyui-gpu1"]
+    assert [i.port for i in plan.instances] == [8191, 8189]
 
 
 @pytest.mark.parametrize(
@@ -140,3 +163,14 @@ def test_comfyui_gpus_errors(env: dict[str, str], words: str) -> None:
 def test_cpu_mode_ignores_comfyui_gpus() -> None:
     plan = plan_for({"COMFYUI_CPU_ONLY": "true", "COMFYUI_GPUS": "9"})
     assert [i.gpu_uuid for i in plan.instances] == ["cpu-0"]
+
+
+def test_real_and_fake_implement_the_one_interface() -> None:
+    methods = {name for name in vars(Nvml) if not name.startswith("_")}
+    assert methods == {"open", "sample", "xid_events", "close"}
+    real = {name for name in vars(RealNvml) if not name.startswith("_")}
+    assert real == methods  # the real adapter is nothing but the interface
+    for cls in (RealNvml, FakeNvml):
+        for name in methods:
+            got = inspect.signature(getattr(cls, name))
+            assert got == inspect.signature(getattr(Nvml, name)), (cls, name)

@@ -6,7 +6,7 @@ import pytest
 
 from config.settings import load_settings
 from services.gpu.guard import policy_from
-from services.gpu.nvml import GpuSample
+from services.gpu.interface import GpuSample
 from services.gpu.policy import GpuPolicy, XidClass, classify_xid, evaluate
 
 OK = GpuSample(at=0.0, temperature_celsius=50.0, ecc_uncorrected_total=0)

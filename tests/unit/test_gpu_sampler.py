@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.gpu.nvml import FakeGpu, FakeNvml
+from services.gpu.fake import FakeGpu, FakeNvml
 from services.gpu.policy import GpuPolicy
 from services.gpu.sampler import GpuSampler
 from services.state import MachineState
@@ -23,7 +23,9 @@ async def test_sampler_fills_state_and_quarantines_once() -> None:
     await sampler.cycle()
     a, b = state.gpus[0], state.gpus[1]
     assert a.sampled_at is not None and a.temperature_celsius == 40.0 and not a.quarantined
-    assert sampler.last_cycle_s is not None
+    # What health and /metrics show: the memory figures of the sample, per GPU.
+    assert (a.memory_used_bytes, a.memory_total_bytes) == (512 * 2**20, 24 * 2**30)
+    assert a.memory_free_bytes == a.memory_total_bytes - a.memory_used_bytes
 
     nvml.inject_xid(1, 95)
     nvml.inject_xid(1, 95)

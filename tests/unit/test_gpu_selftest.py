@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from services.gpu.selftest import cached_pass, run_selftest, store
+from services.gpu.selftest import SCRIPT, cached_pass, run_selftest, store
 
 # Not imported here: torch warns at import (no numpy) and the suite turns warnings into errors.
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 needs_torch = pytest.mark.skipif(
-    not HAVE_TORCH, reason="torch is not importable here: pip install torch (the CPU wheel)"
+    not HAVE_TORCH,
+    reason="torch is not installed in this venv: .venv/bin/pip install torch "
+    "--index-url https://download.pytorch.org/whl/cpu (the CPU wheel; .ci/run uses /opt/wheels)",
 )
 
 
@@ -114,3 +116,22 @@ async def test_a_pass_is_cached_per_gpu_and_driver(tmp_path: Path) -> None:
     assert again.ok and again.cached and again.report["finished_at"] == first.report["finished_at"]
     other_driver = await selftest_instance(settings, plan, inst, "555.2")
     assert other_driver.ok and not other_driver.cached
+
+
+def test_the_script_starts_without_torch_and_shadows_no_standard_module() -> None:
+    # The script runs with its own directory first on sys.path: a sibling named like a
+    # standard-library module (types.py, say) would break its very first import.
+    siblings = {p.stem for p in SCRIPT.parent.glob("*.py")} | {
+        p.name for p in SCRIPT.parent.iterdir() if p.is_dir()
+    }
+    assert not siblings & sys.stdlib_module_names
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, "-S", str(SCRIPT), "--device", "cpu"],  # -S: no site-packages, no torch
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 2 and "torch cannot be imported" in report["error"], proc.stderr

@@ -1,36 +1,25 @@
-"""Import results parsed from real ComfyUI start-up logs recorded in ../shared/comfyui-api."""
-
-from pathlib import Path
-
-import pytest
+"""Import results parsed from real ComfyUI start-up logs (tests/fixtures/comfyui-0.3.64)."""
 
 from services.import_check import modules_loaded, parse_startup_log
-
-RECORDINGS = Path(__file__).resolve().parents[3] / "shared" / "comfyui-api"
-
-
-def recorded(name: str) -> str:
-    path = RECORDINGS / name
-    if not path.exists():
-        pytest.skip(f"recordings not beside the repository ({path})")
-    return path.read_text()
+from tests.support import recording_text
 
 
 def test_failed_custom_node_with_its_error_line() -> None:
-    result = parse_startup_log(recorded("startup_with_custom_nodes.log"))
+    result = parse_startup_log(recording_text("startup_with_custom_nodes.log"))
     assert result.complete
     assert result.failures == {"broken_node": "No module named 'nonexistent_dep'"}
 
 
 def test_both_failures_when_tooling_head_is_incompatible() -> None:
-    result = parse_startup_log(recorded("startup_with_custom_nodes_tooling_HEAD_incompatible.log"))
+    log = recording_text("startup_with_custom_nodes_tooling_HEAD_incompatible.log")
+    result = parse_startup_log(log)
     assert set(result.failures) == {"broken_node", "comfyui-tooling-nodes"}
     assert "cannot import name 'Anima'" in result.failures["comfyui-tooling-nodes"]
 
 
 def test_only_the_last_start_counts_and_builtin_failures_are_not_nodes() -> None:
-    first = recorded("startup_with_custom_nodes.log")
-    clean = recorded("startup.log")
+    first = recording_text("startup_with_custom_nodes.log")
+    clean = recording_text("startup.log")
     assert parse_startup_log(first + clean).failures == {}
     assert "nodes_audio.py" not in parse_startup_log(first).failures
 

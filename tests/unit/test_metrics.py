@@ -325,7 +325,7 @@ def test_dashboard_is_grafana_json() -> None:
 
 @pytest.mark.skipif(
     shutil.which("promtool") is None,
-    reason="promtool is not installed (Debian package `prometheus`; not on PyPI)",
+    reason="promtool is not installed (Debian package `prometheus`: apt-get install prometheus)",
 )
 def test_rules_pass_promtool() -> None:
     check = subprocess.run(

@@ -14,7 +14,7 @@ from config.settings import load_settings
 from health import checks
 from health.metrics import MachineCollector
 from machine.standin.comfyui import model_paths
-from services.gpus import cpu_slots
+from services.gpu.interface import cpu_slots
 from services.models.extra_paths import render_extra_model_paths
 from services.models.fetcher import register_models
 from services.models.instance_check import combo_choices
@@ -279,7 +279,7 @@ def test_metrics_read_the_models() -> None:
 
 
 def test_terminal_progress_line() -> None:
-    from services.models.command import progress_line
+    from machine.models_cmd import progress_line
 
     state = MachineState()
     state.models = {

@@ -38,7 +38,7 @@ def test_bad_inputs_each_name_the_node() -> None:
     assert lines[0].startswith("custom_nodes[0] name=../x: must be a plain directory name")
     assert lines[1].startswith("custom_nodes[2] name=dup: two different nodes would share "
                                "custom_nodes/dup")
-    assert lines[2].startswith("COMFYUI_CUSTOM_NODES=not-a-url: not a git URL")
+    assert lines[2].startswith("COMFYUI_CUSTOM_NODES=not-a-url: is not a git URL")
 
 
 def test_snapshot_gives_comfyui_commit_nodes_and_disabled(tmp_path: Path) -> None:
@@ -79,5 +79,5 @@ def test_unreadable_snapshot_and_bad_toml_table(tmp_path: Path) -> None:
         load_settings({"MACHINE_CONFIG": str(conf)})
     assert str(info.value.problems[0]) == (
         f"custom_nodes[0].reff (in {conf})='v1': unknown key; did you mean 'ref'? accepted keys: "
-        "url, ref, name, required, enabled"
+        "url, ref, name, required, enabled, auth_env"
     )

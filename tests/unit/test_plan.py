@@ -8,7 +8,7 @@ import pytest
 
 from config.errors import ConfigError
 from config.settings import load_settings
-from services.gpus import FakeInventory, Gpu, NvmlInventory
+from services.gpu.interface import Gpu
 from services.plan import make_plan
 from services.supervisor.conf import render_conf
 
@@ -80,11 +80,6 @@ def test_workspace_too_long_for_unix_socket() -> None:
         plan_for({"MACHINE_WORKSPACE": "/" + "w" * 120})
 
 
-def test_fake_and_real_inventory_share_the_interface() -> None:
-    assert FakeInventory(GPUS).list_gpus() == GPUS
-    assert callable(NvmlInventory().list_gpus)
-
-
 def test_conf_programs_and_rpc_socket() -> None:
     plan = plan_for({"NUM_GPUS": "2", "COMFYUI_ARGS": "--x 'a b%c'"})
     parser = configparser.RawConfigParser()
@@ -108,3 +103,50 @@ def test_conf_groups_instances_so_they_stop_in_parallel() -> None:
     parser = configparser.RawConfigParser()
     parser.read_string(render_conf(plan_for({"NUM_GPUS": "3"})))
     assert parser.get("group:comfyui", "programs") == "comfyui-gpu0,comfyui-gpu1,comfyui-gpu2"
+
+
+def test_gpu_is_the_nvml_index_in_names_ports_and_logs() -> None:
+    # COMFYUI_GPUS=1,3: GPU i runs comfyui-gpu<i> on 8188 + i; there is no instance 0 or 2.
+    plan = plan_for({"COMFYUI_GPUS": "1,3"})
+    assert [i.gpu for i in plan.instances] == [1, 3]
+    assert [i.name for i in plan.instances] == ["comfyui-gpu1", "comfyui-gpu3"]
+    assert [i.port for i in plan.instances] == [8189, 8191]
+    assert [i.url for i in plan.instances] == ["http://127.0.0.1:8189", "http://127.0.0.1:8191"]
+    assert [i.gpu_uuid for i in plan.instances] == ["GPU-1aaa", "GPU-3aaa"]
+    assert [i.log_path.name for i in plan.instances] == ["comfyui-gpu1.log", "comfyui-gpu3.log"]
+    third = plan.instance(3)
+    assert third is not None and plan.instance(0) is None
+    assert third.argv[third.argv.index("--port") + 1] == "8191"
+    assert third.env["CUDA_VISIBLE_DEVICES"] == "GPU-3aaa"
+    parser = configparser.RawConfigParser()
+    parser.read_string(render_conf(plan))
+    assert parser.get("group:comfyui", "programs") == "comfyui-gpu1,comfyui-gpu3"
+    # NUM_GPUS alone takes the first N GPUs: index and slot agree.
+    assert [(i.gpu, i.port) for i in plan_for({"NUM_GPUS": "2"}).instances] == [
+        (0, 8188),
+        (1, 8189),
+    ]
+
+
+def test_cpu_slots_are_numbered_from_zero() -> None:
+    plan = plan_for({"COMFYUI_CPU_ONLY": "true", "NUM_GPUS": "3"}, gpus=[])
+    assert [(i.gpu, i.name, i.port) for i in plan.instances] == [
+        (0, "comfyui-gpu0", 8188),
+        (1, "comfyui-gpu1", 8189),
+        (2, "comfyui-gpu2", 8190),
+    ]
+
+
+def test_port_checks_use_the_gpu_indices() -> None:
+    # GPUs 0 and 3 from 9186: ports 9186 and 9189, so the health port 9188 is free ...
+    plan = plan_for({"COMFYUI_GPUS": "0,GPU-3aaa", "COMFYUI_PORT_START": "9186"})
+    assert [i.port for i in plan.instances] == [9186, 9189]
+    # ... but GPU 2 from 9186 would take it (found once the UUID is resolved to its index).
+    with pytest.raises(ConfigError) as info:
+        plan_for({"COMFYUI_GPUS": "GPU-2aaa", "COMFYUI_PORT_START": "9186"})
+    assert "instance ports 9188 include MACHINE_HEALTH_PORT=9188" in str(info.value)
+    # Indices alone are checked with the settings, before any GPU is looked at.
+    with pytest.raises(ConfigError, match="ports 9186, 9188 include MACHINE_HEALTH_PORT"):
+        load_settings({"COMFYUI_GPUS": "0,2", "COMFYUI_PORT_START": "9186"})
+    with pytest.raises(ConfigError, match=r"need ports 65535, 65537 .*use a start <= 65532"):
+        load_settings({"COMFYUI_GPUS": "1,3", "COMFYUI_PORT_START": "65534"})

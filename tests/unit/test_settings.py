@@ -1,11 +1,12 @@
 """Settings: env over TOML, and one clear line per bad input naming source, value and fix."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 from config.errors import ConfigError
-from config.settings import load_settings
+from config.settings import check_workspace, load_settings
 
 
 def problems(env: dict[str, str]) -> list[str]:
@@ -121,3 +122,88 @@ def test_toml_missing_or_broken_file(tmp_path: Path) -> None:
 
 def test_empty_env_value_means_unset() -> None:
     assert load_settings({"NUM_GPUS": ""}).num_gpus is None
+
+
+# Input edge cases (issue 12, point 6): each gets the usual line naming source, value and fix.
+
+
+def test_relative_workspace_resolved_against_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="config.settings"):
+        s = load_settings({"MACHINE_WORKSPACE": "relative/ws", "COMFYUI_MODELS_PATH": "m"})
+    assert s.machine_workspace == tmp_path / "relative" / "ws"
+    assert s.install_path == tmp_path / "relative" / "ws" / "ComfyUI"
+    assert s.models_path == tmp_path / "m"
+    (record,) = [r for r in caplog.records if r.fields["setting"] == "MACHINE_WORKSPACE"]
+    assert record.fields == {
+        "setting": "MACHINE_WORKSPACE", "given": "relative/ws",
+        "resolved": str(tmp_path / "relative" / "ws"),
+    }
+
+
+def test_workspace_that_is_a_file(tmp_path: Path) -> None:
+    afile = tmp_path / "ws"
+    afile.write_text("")
+    (problem,) = check_workspace(afile)
+    assert str(problem).startswith(f"MACHINE_WORKSPACE='{afile}': is a file, not a directory;")
+    assert "point MACHINE_WORKSPACE at a writable directory" in str(problem)
+    (problem,) = check_workspace(afile / "below", "--workspace")
+    assert f"cannot be created: {afile} is a file" in str(problem)
+    assert problem.source == "--workspace"
+
+
+def test_workspace_read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As root a chmod does not stop writes, so the check's question to the kernel is answered
+    # here as for a read-only mount (access(2) fails with EROFS there).
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    monkeypatch.setattr(
+        "config.settings.os.access", lambda path, mode: Path(path) != ws
+    )
+    (problem,) = check_workspace(ws)
+    assert str(problem).startswith(f"MACHINE_WORKSPACE='{ws}': is not writable")
+    assert "read-only file system" in str(problem) and "writable directory" in str(problem)
+    (problem,) = check_workspace(ws / "new" / "ws")
+    assert f"cannot be created: {ws} is not writable" in str(problem)
+    assert check_workspace(tmp_path / "fine" / "ws") == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0555 directory")
+def test_workspace_read_only_by_mode(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir(mode=0o555)
+    (problem,) = check_workspace(ws)
+    assert "is not writable" in str(problem)
+
+
+def test_toml_not_utf8(tmp_path: Path) -> None:
+    conf = tmp_path / "machine.toml"
+    conf.write_bytes(b'num_gpus = 2\ncomfyui_args = "caf\xe9"\n')
+    (line,) = problems({"MACHINE_CONFIG": str(conf)})
+    assert line.startswith(f"MACHINE_CONFIG={conf}: not UTF-8 text (byte 0xe9 at offset")
+    assert "save it as UTF-8" in line
+
+
+def test_toml_keys_differing_only_by_case_are_refused(tmp_path: Path) -> None:
+    conf = tmp_path / "machine.toml"
+    conf.write_text("Num_Gpus = 3\nnum_gpus = 2\n")
+    (line,) = problems({"MACHINE_CONFIG": str(conf)})
+    assert line.startswith(f"Num_Gpus and num_gpus (in {conf})=3 and 2:")
+    assert "differ only by case" in line and "keep one (num_gpus)" in line
+
+
+def test_toml_key_in_other_case_still_loses_to_env(tmp_path: Path) -> None:
+    conf = tmp_path / "machine.toml"
+    conf.write_text("NUM_GPUS = 3\n")
+    assert load_settings({"MACHINE_CONFIG": str(conf)}).num_gpus == 3
+    assert load_settings({"MACHINE_CONFIG": str(conf), "NUM_GPUS": "2"}).num_gpus == 2
+
+
+@pytest.mark.parametrize("value", ["65", "100000000000000000000"])
+def test_absurd_num_gpus_blames_num_gpus(value: str) -> None:
+    (line,) = problems({"NUM_GPUS": value})
+    assert line.startswith(f"NUM_GPUS='{value}':")
+    assert "less than or equal to 64" in line and "COMFYUI_PORT_START" not in line
+    assert load_settings({"NUM_GPUS": "64", "COMFYUI_PORT_START": "10000"}).num_gpus == 64

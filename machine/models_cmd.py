@@ -10,12 +10,13 @@ import time
 from typing import TextIO
 
 from config.settings import Settings
+from health.models import model_body
 from services.models.extra_paths import render_extra_model_paths, write_extra_model_paths
-from services.models.report import model_body
 from services.models.step import make_fetcher
-from services.state import MachineState
+from services.state import MachineState, ModelStatus
 
 REDRAW_S = 0.5
+FINISHED = (ModelStatus.VERIFIED, ModelStatus.UNVERIFIED, ModelStatus.FAILED)
 
 
 def _mib(n: float | None) -> str:
@@ -31,9 +32,9 @@ def progress_line(state: MachineState, now: float) -> str:
         else sum(m["bytes_total"] for m in models)
     )
     rate = sum(m["rate_bytes_per_s"] or 0 for m in models)
-    verified = sum(1 for m in models if m["status"] == "verified")
+    verified = sum(1 for m in models if m["status"] == ModelStatus.VERIFIED)
     eta = f", ETA {(total - done) / rate:.0f}s" if rate and total is not None else ""
-    current = [m["name"] for m in models if m["status"] == "downloading"]
+    current = [m["name"] for m in models if m["status"] == ModelStatus.DOWNLOADING]
     line = (
         f"models: {verified}/{len(models)} verified, {_mib(done)} of {_mib(total)}"
         f"{f', {_mib(rate)}/s' if rate else ''}{eta}"
@@ -41,23 +42,30 @@ def progress_line(state: MachineState, now: float) -> str:
     return line + (f" - {', '.join(current)}" if current else "")
 
 
-async def _draw(state: MachineState, stream: TextIO, tty: bool) -> None:
-    reported: set[str] = set()
+class ModelLines:
+    """Off a terminal: one JSON line per model when it ends verified or failed, once each,
+    however often it is asked (while fetching and once more at the end)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._reported: set[str] = set()
+
+    def print_finished(self, state: MachineState, now: float) -> None:
+        for model in state.models.values():
+            if model.status in FINISHED and model.name not in self._reported:
+                self._reported.add(model.name)
+                entry = {"ts": round(now, 3), "event": "model", **model_body(model, now)}
+                print(json.dumps(entry), file=self._stream, flush=True)
+
+
+async def _draw(state: MachineState, stream: TextIO, lines: ModelLines | None) -> None:
+    """Until cancelled: redraw the progress line (terminal) or print finished models."""
     while True:
         now = time.time()
-        if tty:
+        if lines is None:
             print("\r\033[K" + progress_line(state, now), end="", file=stream, flush=True)
         else:
-            for model in state.models.values():
-                if model.status in ("verified", "failed") and model.name not in reported:
-                    reported.add(model.name)
-                    print(
-                        json.dumps(
-                            {"ts": round(now, 3), "event": "model", **model_body(model, now)}
-                        ),
-                        file=stream,
-                        flush=True,
-                    )
+            lines.print_finished(state, now)
         await state.wait_changed(REDRAW_S)
 
 
@@ -67,17 +75,17 @@ async def _run(settings: Settings, stream: TextIO) -> int:
     text = render_extra_model_paths(settings.models_path, (m.folder for m in settings.models))
     write_extra_model_paths(yaml_path, text, settings.models_path)
     fetcher = make_fetcher(settings, state)
-    tty = stream.isatty()
-    drawer = asyncio.create_task(_draw(state, stream, tty))
+    lines = None if stream.isatty() else ModelLines(stream)
+    drawer = asyncio.create_task(_draw(state, stream, lines))
     try:
         failed = await fetcher.run()
     finally:
         drawer.cancel()
         await asyncio.gather(drawer, return_exceptions=True)
-    if tty:
+    if lines is None:
         print("\r\033[K" + progress_line(state, time.time()), file=stream, flush=True)
     else:
-        await _draw_once(state, stream)
+        lines.print_finished(state, time.time())  # those that finished since the last draw
     code = 0
     for model in failed:
         kind = "required" if model.required else "optional"
@@ -87,20 +95,15 @@ async def _run(settings: Settings, stream: TextIO) -> int:
         print(f"comfy-machine: {error}", file=sys.stderr)
         code = 1
     if code == 0:
-        verified = sum(1 for m in state.models.values() if m.status == "verified")
+        verified = sum(1 for m in state.models.values() if m.status == ModelStatus.VERIFIED)
+        unverified = sum(1 for m in state.models.values() if m.status == ModelStatus.UNVERIFIED)
+        note = f", {unverified} unverified (no sha256 or size to check)" if unverified else ""
         print(
-            f"{verified} model(s) verified in {settings.models_path}; "
+            f"{verified} model(s) verified{note} in {settings.models_path}; "
             f"extra_model_paths.yaml: {yaml_path}",
             file=stream,
         )
     return code
-
-
-async def _draw_once(state: MachineState, stream: TextIO) -> None:
-    task = asyncio.create_task(_draw(state, stream, False))
-    await asyncio.sleep(0)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 def run_models(settings: Settings, stream: TextIO = sys.stdout) -> int:

@@ -1,19 +1,49 @@
 """/health/comfyui/models: pure, MachineState -> (HTTP status, body). No I/O.
 
-Lives next to the model code so that health/checks.py only delegates to it."""
+Three sources of reasons, each its own function: the manifest models (verified, unverified,
+downloading, missing, failed), each instance's listing of the required models, and the files the
+workflows name; ``models_report`` sorts their reasons into failed / starting / degraded."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from services.state import InstanceState, MachineState, ModelState
+from services.state import (
+    PRESENT_MODEL_STATUSES,
+    InstanceState,
+    MachineState,
+    ModelState,
+    ModelStatus,
+)
+
+
+@dataclass
+class Reasons:
+    """Why the models are not ready, by how bad it is."""
+
+    failed: list[str] = field(default_factory=list)  # 503 failed
+    waiting: list[str] = field(default_factory=list)  # 503 starting
+    degraded: list[str] = field(default_factory=list)  # 200 degraded
+
+    def extend(self, other: Reasons) -> None:
+        self.failed += other.failed
+        self.waiting += other.waiting
+        self.degraded += other.degraded
 
 
 def _pct(done: int, total: int | None) -> str:
     if not total:
         return f"{done} bytes"
     return f"{done / 2**20:.0f} of {total / 2**20:.0f} MiB ({100 * done / total:.0f}%)"
+
+
+def _unverified_note(model: ModelState) -> str:
+    return (
+        f"model {model.name} is unverified: the manifest gives neither sha256 nor size, so "
+        "only the server's framing said the file is whole; pin it with sha256 = "
+        f'"{model.verified_sha256}"'
+    )
 
 
 def model_body(model: ModelState, now: float) -> dict[str, Any]:
@@ -36,6 +66,8 @@ def model_body(model: ModelState, now: float) -> dict[str, Any]:
         "rate_bytes_per_s": round(rate, 1) if rate is not None else None,
         "eta_s": round(remaining / rate, 1) if rate and remaining is not None else None,
         "error": model.error,
+        # Present and usable, but nothing checked it: said here, never hidden as verified.
+        "warning": _unverified_note(model) if model.status == ModelStatus.UNVERIFIED else None,
     }
 
 
@@ -50,7 +82,7 @@ def _progress(models: list[dict[str, Any]]) -> dict[str, Any]:
         if any(m["bytes_total"] is None for m in models)
         else sum(m["bytes_total"] for m in models)
     )
-    rate = sum(m["rate_bytes_per_s"] or 0 for m in models if m["status"] == "downloading")
+    rate = sum(m["rate_bytes_per_s"] or 0 for m in models if m["status"] == ModelStatus.DOWNLOADING)
     return {
         "bytes_done": done,
         "bytes_total": total,
@@ -59,29 +91,33 @@ def _progress(models: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def models_report(state: MachineState, now: float) -> tuple[int, dict[str, Any]]:
-    """200 when every required model is verified and every instance that must lists it (and
-    what the workflows name); 503 with the reasons otherwise."""
-    models = [model_body(m, now) for m in state.models.values()]
-    failed: list[str] = []
-    waiting: list[str] = []
-    degraded: list[str] = []
+def _model_reasons(models: list[dict[str, Any]]) -> Reasons:
+    """A failed required model fails, a failed optional one degrades, a required one not on
+    disk yet is waited for. An unverified one is present: it does not hold readiness back (its
+    entry and ``warnings`` say it is unverified)."""
+    reasons = Reasons()
     for m in models:
-        if m["status"] == "verified":
+        if m["status"] in PRESENT_MODEL_STATUSES:
             continue
-        if m["status"] == "failed":
-            (failed if m["required"] else degraded).append(
+        if m["status"] == ModelStatus.FAILED:
+            (reasons.failed if m["required"] else reasons.degraded).append(
                 f"{'required' if m['required'] else 'optional'} model {m['name']} failed: "
                 f"{m['error']}"
             )
         elif m["required"]:
             what = (
                 "is downloading: " + _pct(m["bytes_done"], m["bytes_total"])
-                if m["status"] == "downloading"
+                if m["status"] == ModelStatus.DOWNLOADING
                 else "is not fetched yet"
             )
-            waiting.append(f"required model {m['name']} {what} ({m['when']})")
+            reasons.waiting.append(f"required model {m['name']} {what} ({m['when']})")
+    return reasons
+
+
+def _instance_entries(state: MachineState) -> tuple[list[dict[str, Any]], Reasons]:
+    """Each instance that must list the models: what its last check of this process found."""
     instances = []
+    reasons = Reasons()
     for _, inst in sorted(state.instances.items()):
         if not inst.model_check_needed:
             continue
@@ -96,11 +132,19 @@ def models_report(state: MachineState, now: float) -> tuple[int, dict[str, Any]]
             }
         )
         if checked:
-            failed += inst.model_mismatches
+            reasons.failed += inst.model_mismatches
         elif inst.pid is not None:
-            waiting.append(f"{inst.plan.name}: its model listing is not checked yet")
-    checked_names = [i["name"] for i in instances if i["checked"]]
+            reasons.waiting.append(f"{inst.plan.name}: its model listing is not checked yet")
+    return instances, reasons
+
+
+def _workflow_entries(
+    state: MachineState, checked_names: list[str]
+) -> tuple[list[dict[str, Any]], Reasons]:
+    """Each file a workflow names: which checked instances list it. Listed by none fails (a
+    job would hit value_not_in_list), by some degrades."""
     refs = []
+    reasons = Reasons()
     for ref in state.workflow_refs:
         missing_on = [
             inst.plan.name
@@ -119,13 +163,28 @@ def models_report(state: MachineState, now: float) -> tuple[int, dict[str, Any]]
             f"{ref.input}: {ref.file!r}"
         )
         if checked_names and len(missing_on) == len(checked_names):
-            failed.append(
+            reasons.failed.append(
                 f"{where} is not listed by any instance; a job with this workflow "
                 "would fail with value_not_in_list"
             )
         elif missing_on:
-            degraded.append(f"{where} is not listed by {', '.join(missing_on)}")
-    failed += state.workflow_errors
+            reasons.degraded.append(f"{where} is not listed by {', '.join(missing_on)}")
+    return refs, reasons
+
+
+def models_report(state: MachineState, now: float, phase: str) -> tuple[int, dict[str, Any]]:
+    """200 when every required model is present (verified, or unverified when the manifest
+    gives nothing to check) and every instance that must lists it (and
+    what the workflows name); 503 with the reasons otherwise. ``phase`` is the node's reported
+    phase (checks.reported_phase)."""
+    models = [model_body(m, now) for m in state.models.values()]
+    reasons = _model_reasons(models)
+    instances, instance_reasons = _instance_entries(state)
+    reasons.extend(instance_reasons)
+    checked_names = [i["name"] for i in instances if i["checked"]]
+    refs, workflow_reasons = _workflow_entries(state, checked_names)
+    reasons.extend(workflow_reasons)
+    reasons.failed += state.workflow_errors
     extra = {
         "configured": state.models_configured,
         "models": models,
@@ -133,10 +192,17 @@ def models_report(state: MachineState, now: float) -> tuple[int, dict[str, Any]]
         "instances": instances,
         "workflows": refs,
         "download_bytes_total": state.download_bytes_total,
+        "warnings": [m["warning"] for m in models if m["warning"]],
     }
     if not state.models_configured and not models:
         extra["message"] = "no model manifest is configured; nothing to fetch or verify"
-    body = {"phase": str(state.phase)}
+    return _verdict(reasons, {"phase": phase}, extra)
+
+
+def _verdict(
+    reasons: Reasons, body: dict[str, Any], extra: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    failed, waiting, degraded = reasons.failed, reasons.waiting, reasons.degraded
     if failed:
         return 503, {"status": "failed", **body, "reasons": failed + waiting + degraded, **extra}
     if waiting:
