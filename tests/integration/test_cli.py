@@ -208,3 +208,17 @@ def test_wait_ready_timeout_must_be_a_finite_number_of_seconds(value: str) -> No
     assert f"argument --timeout: {value!r} is not a number of seconds >= 0" in out.stderr
     assert "health server" not in out.stderr
     assert time.monotonic() - start < 15
+
+
+def test_closed_pipe_stops_quietly(workspace: Path) -> None:
+    """`comfy-machine plan | head -0`: no BrokenPipeError traceback, the shell's SIGPIPE code."""
+    env = {**os.environ, "COMFYUI_CPU_ONLY": "1", "NUM_GPUS": "2",
+           "MACHINE_WORKSPACE": str(workspace / "ws")}
+    proc = subprocess.Popen([sys.executable, "-m", "machine", "plan"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line is written
+    with proc.stderr:
+        stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
