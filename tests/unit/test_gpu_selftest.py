@@ -21,7 +21,7 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(
     not HAVE_TORCH,
     reason="torch is not installed in this venv: .venv/bin/pip install torch "
-    "--index-url https://download.pytorch.org/whl/cpu (the CPU wheel; .ci/run uses /opt/wheels)",
+    "(a CPU build is enough; .ci/run installs the machine's CPU wheel)",
 )
 
 
