@@ -93,8 +93,11 @@ class _Sink:
         self.path = path
         self.hasher = hasher
         self.offset = offset
+        # Never through a symlink: a planted .part must not write outside the store.
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags |= 0 if offset else os.O_CREAT | os.O_TRUNC
         try:
-            self._fh = path.open("r+b" if offset else "wb", buffering=0)
+            self._fh = os.fdopen(os.open(path, flags, 0o644), "r+b", buffering=0)
         except OSError as exc:
             if exc.errno in DISK_FULL_ERRNOS:  # not even an inode left
                 raise self._disk_full() from None
@@ -203,6 +206,7 @@ def copy_file(spec: ModelSpec, dest: Path, progress: Progress) -> str:
     dest.parent.mkdir(parents=True, exist_ok=True)
     check_free(spec, dest.parent, total)
     part = part_path(dest)
+    _remove(part)  # a stale one (or a planted symlink): the copy starts over
     sink = _Sink(spec, part, 0, hashlib.sha256())
     try:
         with source.open("rb") as fh:
@@ -276,7 +280,7 @@ class HttpFetch:
         """Pick up a .part an earlier process left, if its metadata says it is this URL's
         (with an ETag to resume against); otherwise the download starts over. Metadata of any
         unexpected shape counts as none (a warning says so)."""
-        if not (self.part.exists() or self.meta.exists()):
+        if not (os.path.lexists(self.part) or os.path.lexists(self.meta)):
             return
         why = self._unusable_partial()
         if why is not None:

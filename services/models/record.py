@@ -60,7 +60,7 @@ def _entries(data: object) -> dict[str, Verified]:
     for name, entry in data.items():
         if not (
             isinstance(entry, dict)
-            and set(entry) == {"size", "mtime_ns", "sha256"}
+            and {"size", "mtime_ns", "sha256"} <= set(entry)
             and _int(entry["size"])
             and _int(entry["mtime_ns"])
             and isinstance(entry["sha256"], str)

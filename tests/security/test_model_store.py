@@ -156,6 +156,12 @@ def make(models_path: Path, *entries: dict, retries: int = 0) -> tuple[ModelFetc
     return ModelFetcher(specs, models_path, state, 2, options, {}), state
 
 
+def leave_partial(dest: Path, data: bytes, meta: bytes) -> None:
+    """What an interrupted earlier process leaves: ``<file>.part`` and ``<file>.part.json``."""
+    Path(f"{dest}.part").write_bytes(data)
+    Path(f"{dest}.part.json").write_bytes(meta)
+
+
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
 
@@ -449,13 +455,14 @@ async def test_a_record_that_is_a_fifo_does_not_hang_the_fetch(
     (root / "models").mkdir()
     os.mkfifo(root / "models" / RECORD_NAME)
     caplog.set_level(logging.WARNING)
-    f, state = make(
+    f, _ = make(
         root / "models",
         {"url": served.url("whole", "r.bin"), "folder": "vae", "sha256": digest},
     )
     async with asyncio.timeout(20):
         assert await f.run() == []
-    assert "not a regular file" in caplog.text
+    (warning,) = [r for r in caplog.records if r.getMessage().startswith("verified record")]
+    assert warning.fields["error"] == "not a regular file"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -466,8 +473,7 @@ async def test_a_part_json_of_any_shape_restarts_the_download(
     digest = served.put("q.bin", data)
     dest = root / "models" / "vae" / "q.bin"
     dest.parent.mkdir(parents=True)
-    Path(f"{dest}.part").write_bytes(b"\0" * 1000)  # not a prefix of the file
-    Path(f"{dest}.part.json").write_bytes(SHAPES[shape])
+    leave_partial(dest, b"\0" * 1000, SHAPES[shape])  # not a prefix of the file
     caplog.set_level(logging.WARNING)
     f, state = make(
         root / "models",
@@ -487,8 +493,8 @@ async def test_a_part_json_with_a_total_below_the_part_restarts(root: Path, serv
     dest = root / "models" / "vae" / "t.bin"
     dest.parent.mkdir(parents=True)
     url = served.url("whole", "t.bin")
-    Path(f"{dest}.part").write_bytes(b"\0" * (len(data) + 10))
-    Path(f"{dest}.part.json").write_text(json.dumps({"url": url, "etag": '"e"', "total": 5}))
+    meta = json.dumps({"url": url, "etag": '"e"', "total": 5}).encode()
+    leave_partial(dest, b"\0" * (len(data) + 10), meta)
     f, _ = make(root / "models", {"url": url, "folder": "vae", "sha256": digest})
     assert await f.run() == [] and dest.read_bytes() == data
     assert served.requests == [("/whole/t.bin", None)]
@@ -594,3 +600,24 @@ async def test_full_disk_on_a_file_copy(small_disk: Path, root: Path) -> None:
     failed = await f.run()
     assert failed and DISK_FULL.search(failed[0].error or ""), failed[0].error
     assert files_under(small_disk / "models") == []
+
+
+@pytest.mark.parametrize("route", ["whole", "file"])
+async def test_a_planted_part_symlink_writes_nothing_outside_the_store(
+    root: Path, served: Served, route: str
+) -> None:
+    """A dangling ``<file>.part`` symlink pointing out of the store: the download replaces
+    the link, it never creates or writes the file it points at."""
+    data = os.urandom(16 * KIB)
+    digest = served.put("l.bin", data)
+    source = root / "l.bin"
+    source.write_bytes(data)
+    outside = root / "outside"
+    dest = root / "models" / "vae" / "l.bin"
+    dest.parent.mkdir(parents=True)
+    os.symlink(outside, f"{dest}.part")
+    url = source.as_uri() if route == "file" else served.url("whole", "l.bin")
+    f, _ = make(root / "models", {"url": url, "folder": "vae", "sha256": digest})
+    assert await f.run() == []
+    assert dest.read_bytes() == data and not dest.is_symlink()
+    assert "outside" not in os.listdir(root)
