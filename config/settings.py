@@ -175,6 +175,21 @@ class Settings(BaseSettings):
         50 * 1024 * 1024, ge=0, description="bytes per instance log file before rotation"
     )
     instance_log_backups: int = Field(5, ge=0, le=100, description="rotated log files kept")
+    instance_fatal_backoff: float = Field(
+        30.0, gt=0, le=86400,
+        description="seconds before a FATAL or crash-looping instance is started again, "
+        "doubling per attempt; > 0 and <= 86400",
+    )
+    instance_fatal_backoff_max: float = Field(
+        600.0, gt=0, le=86400,
+        description="seconds the doubling backoff stops at; > 0, <= 86400 and >= "
+        "INSTANCE_FATAL_BACKOFF",
+    )
+    instance_stable_secs: float = Field(
+        600.0, gt=0, le=7 * 86400,
+        description="seconds an instance must run for its failures to be forgotten (a crash "
+        "sooner counts toward the backoff); > 0 and <= 604800",
+    )
     comfyui_gpus: str = Field(
         "", description="comma-separated GPU indices or UUIDs (GPU-...); unset means NUM_GPUS"
     )
@@ -186,6 +201,11 @@ class Settings(BaseSettings):
     )
     gpu_max_ecc_uncorrected: int = Field(
         0, ge=0, description="uncorrected ECC errors a GPU may have before it is quarantined"
+    )
+    gpu_unhealthy_samples: int = Field(
+        3, ge=1, le=1000,
+        description="NVML samples in a row that must be hot or unanswered before a GPU is "
+        "quarantined (a fatal Xid or uncorrected ECC error acts at once); 1-1000",
     )
     gpu_ignored_xids: list[int] = Field(
         default_factory=lambda: [13, 31, 43, 45, 68],
@@ -545,6 +565,16 @@ def check_settings(
                     f"{OWNED_FLAGS[flag]}",
                 )
             )
+    if settings.instance_fatal_backoff > settings.instance_fatal_backoff_max:
+        problems.append(
+            Problem(
+                src("instance_fatal_backoff_max"),
+                _show(f"{settings.instance_fatal_backoff_max:g}"),
+                f"below INSTANCE_FATAL_BACKOFF={settings.instance_fatal_backoff:g}, where the "
+                "backoff starts (it doubles up to this maximum); expected a maximum >= "
+                "INSTANCE_FATAL_BACKOFF",
+            )
+        )
     indices = planned_gpu_indices(settings)
     if indices:
         problems.extend(check_ports(settings, indices, env, toml_path))

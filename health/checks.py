@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict
 from typing import Any
 
 from health import models as model_health
+from services.backoff import crash_loop_words, duration_words
 from services.state import (
     REPORTED_PHASES,
     GpuStatus,
@@ -71,9 +74,24 @@ def _not_ready_reasons(inst: InstanceState, now: float) -> list[str]:
         return [inst.blocked_reason]
     if state is ProcessState.FATAL:
         why = inst.spawn_error or inst.exit_description or "it exited during every start-up"
+        if inst.next_start_at is not None:
+            wait = duration_words(max(inst.next_start_at - now, 0.0))
+            again = f"the agent starts it again in {wait} (attempt {inst.attempt})"
+        else:
+            again = "the agent starts it again after a backoff"
         return [
             f"{name} is FATAL: it kept failing to start ({why}){tail}; fix the cause shown in "
-            f"the log ({inst.plan.log_path}) and restart the node"
+            f"the log ({inst.plan.log_path}): {again}"
+        ]
+    if inst.next_start_at is not None:  # held by the backoff after crashes
+        if inst.crash_times:
+            what = crash_loop_words(inst.crash_times, now, inst.next_start_at)
+        else:
+            wait = duration_words(max(inst.next_start_at - now, 0.0))
+            what = f"failed {inst.failures} times in a row, next start in {wait}"
+        return [
+            f"{name} {what} (attempt {inst.attempt}){tail}; the cause is in its log "
+            f"({inst.plan.log_path})"
         ]
     if state is ProcessState.BACKOFF:
         return [f"{name} exited during start-up and supervisord is retrying it{tail}"]
@@ -120,6 +138,7 @@ def instance_status(inst: InstanceState) -> str:
         inst.blocked_reason is not None
         or inst.quarantined is not None
         or inst.process_state is ProcessState.FATAL
+        or inst.in_backoff
         or (
             inst.smoke is not None
             and inst.smoke.status is SmokeStatus.FAILED
@@ -177,6 +196,11 @@ def instance_body(inst: InstanceState, max_queue_depth: int | None, now: float) 
         },
         "queue_pending": inst.queue_pending,
         "queue_running": inst.queue_running,
+        # The backoff (FATAL or a crash loop): held starts so far in this streak of failures,
+        # when the next is due (null: none held) and the wait before it.
+        "attempt": inst.attempt,
+        "next_start_at": inst.next_start_at,
+        "backoff_s": inst.backoff_s,
         "log_path": str(inst.plan.log_path),
         "log_tail": inst.log_tail,
         "reasons": reasons,
@@ -224,6 +248,18 @@ def custom_node_reasons(state: MachineState) -> tuple[list[str], list[str]]:
     return required, optional
 
 
+def disk_reasons(state: MachineState) -> list[str]:
+    """The workspace disk is full: instances keep serving (the node is degraded, not failed),
+    but their logs, outputs and the install lock cannot be written until space is freed."""
+    if not state.workspace_full:
+        return []
+    return [
+        f"workspace disk full: {state.workspace_free_bytes} bytes free on "
+        f"{state.workspace_path or 'the workspace'}; instance logs and outputs cannot be "
+        "written: free space there (the node recovers by itself, no restart needed)"
+    ]
+
+
 def _body(status: str, phase: Phase | str, reasons: list[str], **extra: Any) -> dict[str, Any]:
     if phase not in REPORTED_PHASES:  # an internal phase is a bug in the caller, not an answer
         raise ValueError(f"phase {phase} is not reported; pass reported_phase(state, now)")
@@ -235,10 +271,13 @@ def node_report(state: MachineState, now: float) -> Report:
     instances = [
         instance_body(i, state.max_queue_depth, now) for _, i in sorted(state.instances.items())
     ]
+    final = final_reason(state)
     summary = {
         "instances": instances,
         "ready_instances": sum(1 for i in instances if i["ready"]),
         "accepting": any(i["accepting"] for i in instances),
+        "final": final is not None,
+        "final_reason": final,
     }
     if state.phase is Phase.FAILED:
         reason = state.error or "the boot failed"
@@ -251,8 +290,9 @@ def node_report(state: MachineState, now: float) -> Report:
             ["the node is shutting down; instances are stopping"],
             **summary,
         )
+    disk = disk_reasons(state)
     if state.phase in BOOT_PHASES:
-        return 503, _body("starting", state.phase, _boot_reasons(state), **summary)
+        return 503, _body("starting", state.phase, _boot_reasons(state) + disk, **summary)
     if state.supervisor_expected and not state.supervisor_up:
         return 503, _body(
             "failed",
@@ -265,17 +305,71 @@ def node_report(state: MachineState, now: float) -> Report:
             "ready", Phase.READY, ["ComfyUI is disabled (ENABLE_COMFYUI=false)"], **summary
         )
     required_failed, optional_failed = custom_node_reasons(state)
-    reasons = required_failed + optional_failed + [r for i in instances for r in i["reasons"]]
+    reasons = (
+        disk + required_failed + optional_failed + [r for i in instances for r in i["reasons"]]
+    )
     ready = summary["ready_instances"]
     if required_failed:
         return 503, _body("failed", Phase.FAILED, reasons, **summary)
-    if ready == len(instances) and not optional_failed:
+    if ready == len(instances) and not optional_failed and not disk:
         return 200, _body("ready", Phase.READY, reasons, **summary)
     if ready:
         return 200, _body("degraded", Phase.DEGRADED, reasons, **summary)
     if all(i["status"] == "failed" for i in instances):
         return 503, _body("failed", Phase.FAILED, reasons, **summary)
     return 503, _body("starting", Phase.STARTING, reasons, **summary)
+
+
+def final_reason(state: MachineState, gpu: int | None = None) -> str | None:
+    """Why the node (``gpu`` None) or the instance on ``gpu`` cannot become ready without
+    someone acting; None while it still may by itself (booting, starting, an instance in
+    backoff, a taken port that may be freed). The one definition of "hopeless": bodies carry
+    it as ``final``/``final_reason``, ?wait= answers at once on it, wait-ready exits 3."""
+    if state.phase is Phase.FAILED:
+        step = f" (step {state.failed_step})" if state.failed_step else ""
+        return f"the node failed{step}: {state.error or 'the boot failed'}; fix it and restart"
+    if state.phase is Phase.RUNNING and state.supervisor_expected and not state.supervisor_up:
+        return "supervisord is not running, so no instance is supervised; restart the node"
+    if gpu is not None:
+        inst = state.instances.get(gpu)
+        if inst is not None and inst.quarantined:
+            return f"gpu {gpu} is quarantined: {inst.quarantined}"
+        return None
+    # The node as a whole is ready only when every instance and every custom node is.
+    for index, inst in sorted(state.instances.items()):
+        if inst.quarantined:
+            return (
+                f"gpu {index} is quarantined ({inst.quarantined}): the node can be degraded, "
+                "never ready, until it is back; wait for one GPU with --gpu N instead"
+            )
+    for node in state.custom_nodes.values():
+        # An import failure is checked again at each start; an install failure is not.
+        if node.status in FAILED_NODE_STATES and not node.import_failed:
+            what = "was skipped" if node.status is NodeStatus.SKIPPED else "failed to install"
+            return f"custom node {node.name} {what}: {node.error}; fix it and restart the node"
+    return None
+
+
+# The fields of a body (and of each of its instances) whose change is progress a waiter shows.
+PROGRESS_FIELDS = (
+    "status", "phase", "final", "ready", "accepting", "state", "pid", "restarts", "attempt",
+    "next_start_at",
+)
+
+
+def progress_token(body: dict[str, Any]) -> str:
+    """A short token that changes when the answer changes in a way a waiter reports (status,
+    phase, an instance's state, pid, attempt, ...), not with every probe or countdown."""
+    def pick(part: dict[str, Any]) -> list[Any]:
+        smoke = part.get("smoke")
+        return [part.get(k) for k in PROGRESS_FIELDS] + [
+            smoke.get("status") if isinstance(smoke, dict) else None
+        ]
+
+    instances = body.get("instances")
+    parts = [pick(body)] + [pick(i) for i in instances or () if isinstance(i, dict)]
+    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+    return digest[:16]
 
 
 def gpu_body(state: MachineState, uuid: str) -> dict[str, Any] | None:
@@ -300,6 +394,8 @@ def instance_report(state: MachineState, gpu: int, now: float) -> Report | None:
         return None
     body = instance_body(inst, state.max_queue_depth, now)
     body["nvml"] = gpu_body(state, inst.plan.gpu_uuid)
+    final = final_reason(state, gpu)
+    body["final"], body["final_reason"] = final is not None, final
     phase = reported_phase(state, now)
     if state.phase in BOOT_PHASES and not body["ready"]:
         body["reasons"] = _boot_reasons(state) + body["reasons"]

@@ -138,6 +138,12 @@ class MachineCollector(Collector):
             "1 while supervisord runs; 0 before it is started and after it died or stopped",
             value=_bool(state.supervisor_up),
         )
+        if state.workspace_free_bytes is not None:  # checked every few seconds by the agent
+            yield GaugeMetricFamily(
+                PREFIX + "workspace_free_bytes",
+                "Free bytes on the workspace disk (instance logs, outputs, the install lock)",
+                value=float(state.workspace_free_bytes),
+            )
 
     def _instances(self, instances: list[InstanceState]) -> Iterator[Metric]:
         labels = list(INSTANCE_LABELS)
@@ -167,6 +173,21 @@ class MachineCollector(Collector):
             labels=labels,
         )
         start = gauge("instance_start_time_seconds", "Unix time the current process started")
+        backoff_starts = CounterMetricFamily(
+            PREFIX + "instance_backoff_starts",
+            "Starts the agent held back and then made after a backoff (a FATAL instance or a "
+            "crash loop) since the agent started",
+            labels=labels,
+        )
+        attempt = gauge(
+            "instance_backoff_attempt",
+            "Held starts in the instance's current streak of failures (0: none; reset once it "
+            "runs INSTANCE_STABLE_SECS)",
+        )
+        next_start = gauge(
+            "instance_next_start_time_seconds",
+            "Unix time the agent starts the instance again after its backoff (only while held)",
+        )
         pending = gauge("instance_queue_pending", "Prompts waiting in the instance's /queue")
         running = gauge("instance_queue_running", "Prompts running in the instance's /queue")
         probe = gauge(
@@ -198,6 +219,10 @@ class MachineCollector(Collector):
             restarts.add_metric(key, float(inst.restarts))
             if inst.started_at is not None:
                 start.add_metric(key, inst.started_at)
+            backoff_starts.add_metric(key, float(inst.backoff_starts))
+            attempt.add_metric(key, float(inst.attempt))
+            if inst.next_start_at is not None:
+                next_start.add_metric(key, inst.next_start_at)
             if inst.queue_pending is not None:
                 pending.add_metric(key, float(inst.queue_pending))
             if inst.queue_running is not None:
@@ -213,6 +238,7 @@ class MachineCollector(Collector):
                 key, _bool(current is not None and current.status is SmokeStatus.PASSED)
             )
         yield from (info, states, ready, accepting, restarts, start, pending, running)
+        yield from (backoff_starts, attempt, next_start)
         yield from (probe, probe_ok, probe_fail, smoke, smoke_ok)
 
     def _install(self) -> Iterator[Metric]:

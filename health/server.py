@@ -60,16 +60,21 @@ def _parse_wait(request: web.Request) -> float:
 
 
 async def _answer(request: web.Request, report: ReportFn) -> web.Response:
-    """Answer now, or with ?wait= hold the request until the status is ``ready`` or the wait
-    ends (a degraded node answers 200 but is not ready: a waiter keeps waiting)."""
+    """Answer now, or with ?wait= hold the request until the status is ``ready``, the answer
+    is ``final`` (it cannot become ready without someone acting: checks.final_reason), its
+    ``progress_token`` differs from ?since= (a waiter showing each change), or the wait ends. A
+    degraded node answers 200 but is not ready: a waiter keeps waiting."""
     state = request.app[STATE_KEY]
     deadline = time.monotonic() + _parse_wait(request)
+    since = request.query.get("since")
     while True:
         code, body = report(state, time.time())
+        body["progress_token"] = checks.progress_token(body)
         remaining = deadline - time.monotonic()
         # A stopping node will not become ready: release held requests so shutdown is prompt.
         ready = code == 200 and body["status"] == "ready"
-        if ready or remaining <= 0 or state.phase is Phase.STOPPING:
+        moved = since is not None and body["progress_token"] != since
+        if ready or body.get("final") or moved or remaining <= 0 or state.phase is Phase.STOPPING:
             return _json(code, body)
         await state.wait_changed(remaining)
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 
@@ -21,12 +25,16 @@ from config.settings import (
 from health.checks import node_report
 from health.limits import HealthLimits
 from health.server import start_health_server
+from services.backoff import policy_from as backoff_policy
+from services.disk import watch_workspace
 from services.fdlimit import raise_fd_limit
 from services.gpu.guard import prepare_gpus
 from services.gpu.interface import Nvml, list_gpus
+from services.install.git_launcher import use_group_git
 from services.install.installer import (
     Installer,
     InstallInputs,
+    InstallReport,
     StepCallback,
     default_base_python,
 )
@@ -34,6 +42,7 @@ from services.instances import InstanceController
 from services.models.step import fetch_background, models_step
 from services.plan import NodePlan, make_plan
 from services.probes import InstanceProber, ProbeSettings
+from services.process_group import run_blocking, wind_down
 from services.state import (
     CustomNodeState,
     InstanceState,
@@ -42,8 +51,14 @@ from services.state import (
     Phase,
     StepStatus,
 )
+from services.supervisor.launch import DEFAULT_GRACE_S, refuse_launches
 
 log = logging.getLogger(__name__)
+
+# At a stop: how long the groups the boot started (and new ones its retries start) are ended
+# before the agent exits anyway, and how long its exit may then take before it is forced.
+WIND_DOWN_S = DEFAULT_GRACE_S + 2.0
+EXIT_GRACE_S = 3.0
 
 
 def build_plan(settings: Settings, nvml: Nvml) -> NodePlan:
@@ -100,7 +115,13 @@ def record_step(state: MachineState) -> StepCallback:
     return lambda *args: loop.call_soon_threadsafe(apply, *args)
 
 
-async def _install(settings: Settings, state: MachineState) -> None:
+def _run_installer(installer: Installer, run_dir: Path) -> InstallReport:
+    # gitpython's git through the group launcher: a killed agent leaves no git behind.
+    use_group_git(run_dir)
+    return installer.run()
+
+
+async def _install(settings: Settings, plan: NodePlan, state: MachineState) -> None:
     state.set_phase(Phase.INSTALLING)
     installer = Installer(install_inputs(settings), record_step(state))
     # Listed while installing; the installer's own records replace these when it is done.
@@ -109,7 +130,9 @@ async def _install(settings: Settings, state: MachineState) -> None:
                                 status=NodeStatus.PENDING if n.enabled else NodeStatus.DISABLED)
         for n in installer.inputs.nodes
     }
-    report = await asyncio.to_thread(installer.run)
+    # A daemon thread: a stop cancels this await and ends the groups the thread waits on
+    # (wind_down); the agent's exit never waits for it.
+    report = await run_blocking(_run_installer, installer, plan.run_dir, name="install")
     state.custom_nodes = {node.name: node for node in report.nodes}
     if not (settings.install_path / "main.py").is_file():
         raise InstallError(f"ComfyUI: {installer.inputs.comfyui_url}@{settings.comfyui_ref} has no "
@@ -171,6 +194,9 @@ async def run_node(
     controller: InstanceController | None = None
     tasks: list[asyncio.Task[None]] = []
     code = 0
+    disk_watch = asyncio.create_task(
+        watch_workspace(state, settings.machine_workspace), name="workspace-disk"
+    )
     try:
         stop_wait = asyncio.ensure_future(stop.wait())
         boot = asyncio.ensure_future(_boot(settings, plan, state))
@@ -188,17 +214,43 @@ async def run_node(
             await stop_wait  # failed boot: keep health up so operators can read why
         stop_wait.cancel()
     finally:
+        # Work the boot no longer waits for (the install thread, a retry loop) starts no new
+        # git, uv or install.py: it fails at once instead.
+        refuse_launches("the node is stopping")
         if state.phase is not Phase.FAILED:
             state.set_phase(Phase.STOPPING)
         log.info("stopping", extra={"fields": {"phase": state.phase.value}})
-        for task in tasks:
+        for task in [*tasks, disk_watch]:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if controller is not None:
-            await controller.stop()
+        await asyncio.gather(*tasks, disk_watch, return_exceptions=True)
+        # What the boot was running (git, uv, install.py) ends with its whole process group,
+        # while supervisord stops the instances.
+        await asyncio.gather(
+            wind_down(WIND_DOWN_S), controller.stop() if controller else asyncio.sleep(0)
+        )
         await runner.cleanup()
         log.info("stopped")
     return code
+
+
+def exit_if_stuck(code: int, grace: float = EXIT_GRACE_S) -> None:
+    """Call once the orderly stop is done: if the process has not exited ``grace`` seconds
+    later (a thread blocked in a call nothing interrupts keeps asyncio's executor shutdown or
+    the interpreter's exit waiting), exit with ``code`` anyway. Everything the agent started is
+    stopped by then, and whatever a stuck thread starts dies with the agent."""
+
+    def watchdog() -> None:
+        time.sleep(grace)
+        stuck = [t.name for t in threading.enumerate()
+                 if t is not threading.main_thread() and t is not threading.current_thread()]
+        log.warning("exiting although threads are still blocked",
+                    extra={"fields": {"threads": stuck, "code": code}})
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(code)
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
 
 
 async def _supervise(
@@ -227,7 +279,7 @@ async def _boot(
     """INSTALLING -> DOWNLOADING -> STARTING; on failure set FAILED and return no controller."""
     try:
         if plan.instances:
-            await _install(settings, state)
+            await _install(settings, plan, state)
         state.set_phase(Phase.DOWNLOADING)
         fetcher = await models_step(
             settings, state, plan.extra_model_paths, plan.extra_model_paths_yaml
@@ -237,7 +289,9 @@ async def _boot(
             directory.mkdir(parents=True, exist_ok=True)
         # GPU mode: NVML inventory and the sentinel self-test before any instance starts.
         sampler = await prepare_gpus(settings, plan, state)
-        controller = InstanceController(plan, state, settings.probe_interval)
+        controller = InstanceController(
+            plan, state, settings.probe_interval, backoff_policy(settings)
+        )
         if sampler is not None:
             sampler.quarantine = controller.quarantine
         try:
@@ -250,12 +304,17 @@ async def _boot(
         log.error("boot failed", extra={"fields": {"phase": state.phase.value, "error": str(exc)}})
         state.set_phase(Phase.FAILED, str(exc), state.phase.value.lower())
         return None, []
-    except Exception as exc:  # a bug, not bad input: keep the node up and say what broke
-        log.exception("boot failed unexpectedly", extra={"fields": {"phase": state.phase.value}})
-        state.set_phase(
-            Phase.FAILED, f"internal error: {type(exc).__name__}: {exc}", state.phase.value.lower()
-        )
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _boot_crashed(state, exc)
+        # A full disk is the operator's to fix, not a bug: say so, keep health up.
+        reason = (f"disk full: {exc}; free space in {settings.machine_workspace} "
+                  "(or use a larger volume) and restart the node")
+        log.error("boot failed", extra={"fields": {"phase": state.phase.value, "error": reason}})
+        state.set_phase(Phase.FAILED, reason, state.phase.value.lower())
         return None, []
+    except Exception as exc:
+        return _boot_crashed(state, exc)
     session = aiohttp.ClientSession()
     probe_settings = ProbeSettings(
         interval=settings.probe_interval,
@@ -275,6 +334,18 @@ async def _boot(
         tasks.append(asyncio.create_task(sampler.run(), name="gpu-sampler"))
     state.set_phase(Phase.RUNNING)
     return controller, tasks
+
+
+def _boot_crashed(
+    state: MachineState, exc: Exception
+) -> tuple[InstanceController | None, list[asyncio.Task[None]]]:
+    """A bug, not bad input: keep the node up and say what broke."""
+    log.error("boot failed unexpectedly", exc_info=exc,
+              extra={"fields": {"phase": state.phase.value}})
+    state.set_phase(
+        Phase.FAILED, f"internal error: {type(exc).__name__}: {exc}", state.phase.value.lower()
+    )
+    return None, []
 
 
 async def _close_on_cancel(session: aiohttp.ClientSession) -> None:

@@ -33,7 +33,7 @@ def _plan(settings: Settings) -> NodePlan:
 
 
 def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | None = None) -> int:
-    from machine.boot import run_node
+    from machine.boot import exit_if_stuck, run_node
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -41,7 +41,10 @@ def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | No
         # Handlers only set the flag; the shutdown itself runs in run_node under deadlines.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        return await run_node(settings, plan, stop, on_ready)
+        code = await run_node(settings, plan, stop, on_ready)
+        # Stopped: a thread still blocked (say in a download) must not keep the agent alive.
+        exit_if_stuck(code)
+        return code
 
     return asyncio.run(main())
 
@@ -335,16 +338,40 @@ async def _logs(base_url: str, gpu: int, tail: int, follow: bool) -> int:
         code, body = await get_health(base_url, f"{path}?{query}", headers=headers)
 
 
+# wait-ready's exit code when what it waits for cannot become ready without someone acting.
+EXIT_NEEDS_ACTION = 3
+
+
+def progress_line(what: str, body: dict[str, Any], elapsed: float) -> str:
+    """One line per change while wait-ready waits: status, state or phase, the first reason."""
+    where = f"state {body['state']}" if "state" in body else f"phase {body.get('phase')}"
+    reasons = body.get("reasons") or [body.get("error", "")]
+    return f"waiting {elapsed:.0f}s: {what} {body.get('status')} ({where}): {reasons[0]}"
+
+
 def cmd_wait_ready(args: argparse.Namespace) -> int:
-    from machine.health_client import wait_ready
+    """Exit 0 when ready, 1 on timeout, 3 at once when it cannot become ready without
+    someone acting (a FAILED node, a quarantined GPU); a progress line per change on stderr."""
+    import time
+
+    from machine.health_client import Outcome, wait_ready
 
     path = "/health/comfyui" if args.gpu is None else f"/health/comfyui/instances/{args.gpu}"
-    ready, body = asyncio.run(wait_ready(_health_base(args), path, args.timeout))
-    if ready:
-        what = "node" if args.gpu is None else f"gpu {args.gpu}"
+    what = "node" if args.gpu is None else f"gpu {args.gpu}"
+    started = time.monotonic()
+
+    def show(body: dict[str, Any]) -> None:
+        print(progress_line(what, body, time.monotonic() - started), file=sys.stderr, flush=True)
+
+    outcome, body = asyncio.run(wait_ready(_health_base(args), path, args.timeout, show))
+    if outcome is Outcome.READY:
         url = body.get("url")
         print(f"{what} ready" + (f": {url}" if url else ""))
         return 0
+    if outcome is Outcome.FINAL:
+        print(f"{what} cannot become ready without someone acting:", file=sys.stderr)
+        print(f"  {body.get('final_reason')}", file=sys.stderr)
+        return EXIT_NEEDS_ACTION
     print(f"not ready after {args.timeout:g}s:", file=sys.stderr)
     for reason in body.get("reasons") or [body.get("error", "no reason given")]:
         print(f"  {reason}", file=sys.stderr)
@@ -409,7 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gpu_test.add_argument("--gpu", type=int, help="only this GPU (NVML index, as nvidia-smi)")
     gpu_test.add_argument("--json", action="store_true")
-    wait = sub.add_parser("wait-ready", help="block until the node or one GPU is ready")
+    wait = sub.add_parser(
+        "wait-ready",
+        help="block until the node or one GPU is ready (exit 0); 1 on timeout; 3 at once when "
+        "it cannot become ready without someone acting (node FAILED, GPU quarantined)",
+    )
     wait.add_argument("--gpu", type=int, help="wait for this GPU's instance only (NVML index)")
     wait.add_argument(
         "--timeout", type=_timeout, default=600.0, help="seconds, a number >= 0 (default 600)"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import aiohttp
@@ -16,10 +18,18 @@ RETRY_S = 0.25
 
 
 async def get_health(
-    base_url: str, path: str, wait: float = 0.0, headers: dict[str, str] | None = None
+    base_url: str,
+    path: str,
+    wait: float = 0.0,
+    headers: dict[str, str] | None = None,
+    since: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """GET ``path`` (with ?wait= if > 0); status and JSON body, or HealthClientError."""
-    params = {"wait": f"{wait:.3f}"} if wait > 0 else None
+    """GET ``path`` (with ?wait= if > 0, and ?since= the ``progress_token`` of an earlier answer:
+    the server then also answers on a change); status and JSON body, or HealthClientError."""
+    query = {"wait": f"{wait:.3f}"} if wait > 0 else {}
+    if since is not None:
+        query["since"] = since
+    params = query or None  # none: a query already in ``path`` stays as it is
     timeout = aiohttp.ClientTimeout(total=wait + 10.0)
     try:
         async with (
@@ -34,23 +44,51 @@ async def get_health(
         ) from None
 
 
-async def wait_ready(base_url: str, path: str, seconds: float) -> tuple[bool, dict[str, Any]]:
-    """Hold ?wait= requests until ``path`` is ``ready`` or ``seconds`` pass; (ready, last body).
+class Outcome(StrEnum):
+    READY = "ready"
+    FINAL = "final"  # cannot become ready without someone acting (the body's final_reason)
+    TIMEOUT = "timeout"
+    REFUSED = "refused"  # 400/404: no such GPU, a malformed request
+
+
+async def wait_ready(
+    base_url: str,
+    path: str,
+    seconds: float,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[Outcome, dict[str, Any]]:
+    """Hold ?wait= requests until ``path`` is ``ready``, ``final``, or ``seconds`` pass;
+    (outcome, last body). ``on_progress`` gets the first answer and each changed one (the
+    server answers a ?since= request as soon as the answer's ``progress_token`` moves on).
 
     An agent that is not up yet (connection refused) is retried until the deadline."""
     deadline = time.monotonic() + seconds
     body: dict[str, Any] = {"reasons": ["the health server never answered"]}
+    since = ""  # no answer has this progress token: the first request answers at once
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return False, body
+            return Outcome.TIMEOUT, body
+        asked = time.monotonic()
         try:
-            status, body = await get_health(base_url, path, min(remaining, WAIT_CHUNK_S))
+            status, body = await get_health(
+                base_url, path, min(remaining, WAIT_CHUNK_S), since=since
+            )
         except HealthClientError as exc:
             body = {"reasons": [str(exc)]}
             await asyncio.sleep(min(RETRY_S, max(deadline - time.monotonic(), 0)))
             continue
         if status == 200 and body.get("status") == "ready":
-            return True, body
+            return Outcome.READY, body
         if status in (400, 404):
-            return False, body
+            return Outcome.REFUSED, body
+        if body.get("final"):
+            return Outcome.FINAL, body
+        token = body.get("progress_token")
+        if token != since:
+            since = token
+            if on_progress is not None:
+                on_progress(body)
+        elif time.monotonic() - asked < RETRY_S:
+            # Answered at once with nothing new (a stopping node): do not spin on it.
+            await asyncio.sleep(min(RETRY_S, max(deadline - time.monotonic(), 0)))

@@ -17,12 +17,14 @@ from config.errors import InstallError
 from config.settings import Settings
 from health.checks import FAILED_NODE_STATES
 from machine.boot import install_inputs
+from services.files import atomic_write_text
 from services.import_check import parse_startup_log
+from services.install.git_launcher import use_group_git
 from services.install.installer import Installer, InstallReport
 from services.models.extra_paths import write_extra_model_paths
 from services.plan import NodePlan
+from services.process_group import run_in_group
 from services.state import NodeStatus, StepStatus
-from services.supervisor.launch import dies_with_us
 
 MARKS = {
     StepStatus.RUNNING: "…",
@@ -70,16 +72,17 @@ def import_check(plan: NodePlan, report: InstallReport) -> dict[str, str]:
     inst = plan.instances[0]
     write_extra_model_paths(plan.extra_model_paths, plan.extra_model_paths_yaml, plan.models_path)
     argv = [*inst.argv, "--quick-test-for-ci"]
-    env = {**os.environ, **inst.env}
+    env = {**plan.inherited_env(os.environ), **inst.env}
     try:
-        proc = subprocess.run(
-            dies_with_us(argv),
+        # ComfyUI and whatever its nodes start, in one process group ended whole on the
+        # timeout, when it exits, and when this command dies.
+        proc = run_in_group(
+            argv,
             cwd=inst.cwd,
             env=env,
             capture_output=True,
             text=True,
             timeout=IMPORT_CHECK_TIMEOUT_S,
-            check=False,
         )
     except subprocess.TimeoutExpired:
         raise InstallError(
@@ -89,8 +92,7 @@ def import_check(plan: NodePlan, report: InstallReport) -> dict[str, str]:
     output = proc.stdout + proc.stderr
     # Kept for the traceback behind each failure line.
     log_path = plan.log_dir / "install" / "import-check.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text(output)
+    atomic_write_text(log_path, output)
     result = parse_startup_log(output)
     if proc.returncode != 0 or not result.complete:
         tail = " | ".join(output.strip().splitlines()[-5:])
@@ -107,6 +109,7 @@ def run_install(
 ) -> int:
     """Install, then check imports; 0 only when every step and every node succeeded."""
     progress = Progress(stream)
+    use_group_git(plan.run_dir)  # gitpython's git in its own process group, as in `up`
     report = Installer(install_inputs(settings), progress).run()
     failures = {
         n.name: f"{n.status}: {n.error}" for n in report.nodes if n.status in FAILED_NODE_STATES

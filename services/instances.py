@@ -1,5 +1,6 @@
 """Instance control: supervisord's events and the agent's pidfds turned into MachineState, plus a
-short reconcile loop that starts every instance whose port is free."""
+short reconcile loop that starts every instance whose port is free, and starts again after a
+backoff (services/backoff.py) an instance that went FATAL or crash-loops."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 import psutil
 
 from config.errors import SupervisorError
+from services.backoff import BackoffPolicy, Decision, Failure, after_failure, stable
 from services.plan import NodePlan
 from services.ports import port_in_use
 from services.state import InstanceState, MachineState, Phase
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 12
 # Events are pushed; this resync only repairs a dropped datagram, so it can be slow.
 RESYNC_INTERVAL_S = 15.0
+# States from which the agent may start a process whose backoff is over.
+STARTABLE_STATES = frozenset({ProcessState.STOPPED, ProcessState.EXITED, ProcessState.FATAL})
 
 
 def kill_leftovers(pid: int) -> None:
@@ -44,11 +48,22 @@ def kill_leftovers(pid: int) -> None:
 class InstanceController:
     """Owns the supervisord child for one NodePlan and keeps MachineState in step with it."""
 
-    def __init__(self, plan: NodePlan, state: MachineState, check_interval: float) -> None:
+    def __init__(
+        self,
+        plan: NodePlan,
+        state: MachineState,
+        check_interval: float,
+        backoff: BackoffPolicy | None = None,
+    ) -> None:
         self.plan = plan
         self.state = state
         self.supervisord = Supervisord(plan)
+        self.backoff = backoff or BackoffPolicy()
         self._check_interval = check_interval
+        # Wakes the reconcile loop when a backoff is set (it may end before the next check).
+        self._wake = asyncio.Event()
+        # Instances whose current FATAL was counted (so a resync does not count it again).
+        self._fatal_counted: set[str] = set()
         self._by_name: dict[str, InstanceState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._watched: dict[str, tuple[int, int]] = {}  # name -> (pid, pidfd)
@@ -78,16 +93,31 @@ class InstanceController:
         inst = self._by_name.get(event.process)
         if inst is None:
             return
-        if event.to_state is ProcessState.STARTING and event.from_state in RESTART_FROM_STATES:
+        if (
+            event.to_state is ProcessState.STARTING
+            and event.from_state in RESTART_FROM_STATES
+            and not inst.in_backoff  # a restart the backoff stops; its held start counts
+        ):
             inst.restarts += 1
         if event.to_state in EXITED_STATES:
             inst.pid_exited = True
+        # Before the new pid is adopted: the failure is judged by the start of the one that died.
+        if event.to_state is ProcessState.EXITED and event.from_state is ProcessState.RUNNING:
+            self._failed(inst, Failure.CRASH)
+        elif event.to_state is ProcessState.FATAL:
+            self._failed(inst, Failure.FATAL)
+        elif event.to_state in UP_STATES:
+            self._fatal_counted.discard(event.process)
         inst.process_state = event.to_state
         if event.pid:
             self._adopt_pid(inst, event.pid)
-        if inst.quarantined and event.to_state in (ProcessState.STARTING, ProcessState.BACKOFF):
-            # supervisord's autorestart raced the quarantine: stop it again.
-            self._spawn(self._stop(inst), f"quarantine-{event.process}")
+        if (inst.quarantined or inst.in_backoff) and event.to_state in (
+            ProcessState.STARTING,
+            ProcessState.BACKOFF,
+        ):
+            # supervisord's autorestart raced the quarantine or the backoff: stop it again.
+            why = "quarantine" if inst.quarantined else "backoff"
+            self._spawn(self._stop(inst), f"{why}-{event.process}")
         self.state.changed()
         _log_transition(event.process, event.from_state, event.to_state, event.pid)
         self._spawn(self.refresh(event.process), f"refresh-{event.process}")
@@ -122,6 +152,10 @@ class InstanceController:
                     await self._apply(inst, info)
 
     async def _apply(self, inst: InstanceState, info: ProcessInfo) -> None:
+        if info.state is ProcessState.FATAL and inst.plan.name not in self._fatal_counted:
+            self._failed(inst, Failure.FATAL)  # its FATAL event was lost
+        elif info.state in UP_STATES:
+            self._fatal_counted.discard(inst.plan.name)
         inst.process_state = info.state
         inst.spawn_error = info.spawnerr or None
         inst.exit_description = (
@@ -142,8 +176,7 @@ class InstanceController:
             text = await self.supervisord.rpc.tail_log(f"{self.plan.group}:{inst.plan.name}")
         except SupervisorError:
             return
-        lines = [line.rstrip() for line in text.splitlines() if line.strip()]
-        inst.log_tail = lines[-LOG_TAIL_LINES:]
+        inst.log_tail = _tail_lines(text)
 
     def _adopt_pid(self, inst: InstanceState, pid: int) -> None:
         """A new pid means a new process: forget the old one's facts and watch this one die."""
@@ -189,8 +222,104 @@ class InstanceController:
             asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
 
-    async def start_instance(self, inst: InstanceState) -> None:
-        """Start one instance if its port is free; otherwise say who holds it."""
+    def _failed(self, inst: InstanceState, kind: Failure) -> None:
+        """Count a FATAL or a crash toward the instance's backoff; hold its next start when the
+        policy says so (supervisord's own restart, if it races this, is stopped again)."""
+        name = inst.plan.name
+        if kind is Failure.FATAL:
+            self._fatal_counted.add(name)
+        if inst.quarantined:
+            return  # never started again anyway
+        now = time.time()
+        decision = after_failure(
+            kind, inst.failures, inst.attempt, inst.started_at, now, self.backoff
+        )
+        if decision.failures == 1:
+            inst.crash_times = []
+        if kind is Failure.CRASH:
+            inst.crash_times.append(now)
+        inst.failures, inst.attempt = decision.failures, decision.attempt
+        fields = {"instance": name, "failure": kind.value, "failures": decision.failures}
+        if decision.delay_s <= 0:
+            log.warning("instance crashed; supervisord restarts it", extra={"fields": fields})
+            self.state.changed()
+            return
+        self._hold(inst, decision, now)
+        log.warning(
+            "instance backoff",
+            extra={"fields": {**fields, "attempt": decision.attempt,
+                              "delay_s": decision.delay_s}},
+        )
+        if kind is Failure.CRASH:
+            self._spawn(self._damp(inst), f"backoff-{name}")
+
+    async def _damp(self, inst: InstanceState) -> None:
+        """Stop supervisord's immediate restart of a crash-looping instance (again when its
+        STARTING event comes, should this stop find it between exit and restart), keeping the
+        crash's last log lines for health: the restarted process has barely written yet."""
+        try:
+            text = await self.supervisord.rpc.tail_log(f"{self.plan.group}:{inst.plan.name}")
+        except SupervisorError:
+            text = ""
+        await self._stop(inst)
+        lines = _tail_lines(text)
+        if lines and inst.in_backoff:
+            inst.log_tail = lines
+            self.state.changed()
+
+    def _hold(self, inst: InstanceState, decision: Decision, now: float) -> None:
+        inst.next_start_at = now + decision.delay_s
+        inst.backoff_s = decision.delay_s
+        self.state.changed()
+        self._wake.set()
+
+    def _release(self, inst: InstanceState) -> None:
+        inst.next_start_at = None
+        inst.backoff_s = None
+        self.state.changed()
+
+    async def _start_held(self, inst: InstanceState) -> None:
+        """The backoff is over: start it (port permitting) as the next attempt."""
+        due, wait = inst.next_start_at, inst.backoff_s
+        # Released first: this start's STARTING event must not look like an autorestart that
+        # the backoff stops (it may arrive before supervisord's answer does).
+        self._release(inst)
+        try:
+            started = await self.start_instance(inst)
+        except SupervisorError as exc:
+            # supervisord refused (e.g. the command cannot be spawned): a failed attempt.
+            log.warning(
+                "cannot start instance after backoff",
+                extra={"fields": {"instance": inst.plan.name, "error": str(exc)}},
+            )
+            self._failed(inst, Failure.FATAL)
+            return
+        if not started:
+            # Its port is taken (start_instance says so): still due, the next pass retries.
+            if not inst.quarantined:
+                inst.next_start_at, inst.backoff_s = due, wait
+            return
+        inst.backoff_starts += 1
+        inst.restarts += 1
+        log.info(
+            "instance started after backoff",
+            extra={"fields": {"instance": inst.plan.name, "attempt": inst.attempt}},
+        )
+
+    def _forget_if_stable(self, inst: InstanceState, now: float) -> None:
+        """A process that ran INSTANCE_STABLE_SECS ends its streak of failures."""
+        if inst.failures and not inst.in_backoff and inst.process_alive and stable(
+            inst.started_at, now, self.backoff
+        ):
+            log.info(
+                "instance stable again",
+                extra={"fields": {"instance": inst.plan.name, "failures": inst.failures}},
+            )
+            inst.failures, inst.attempt, inst.crash_times = 0, 0, []
+            self.state.changed()
+
+    async def start_instance(self, inst: InstanceState) -> bool:
+        """Start one instance if its port is free (True); otherwise say who holds it."""
         plan = inst.plan
         holder = await asyncio.to_thread(port_in_use, plan.listen, plan.port)
         if holder:
@@ -205,13 +334,14 @@ class InstanceController:
                 )
                 inst.blocked_reason = reason
                 self.state.changed()
-            return
+            return False
         if inst.blocked_reason:
             inst.blocked_reason = None
             self.state.changed()
         if inst.quarantined:  # quarantined while the port was checked
-            return
+            return False
         await self.supervisord.rpc.start(f"{self.plan.group}:{plan.name}")
+        return True
 
     async def quarantine(self, gpu_uuid: str, reason: str) -> None:
         """Take a GPU out of service: stop its instance and never start it again."""
@@ -219,6 +349,7 @@ class InstanceController:
             if inst.plan.gpu_uuid != gpu_uuid or inst.quarantined:
                 continue
             inst.quarantined = reason
+            inst.next_start_at = inst.backoff_s = None  # a held start will never come
             self.state.changed()
             log.error(
                 "GPU quarantined",
@@ -233,7 +364,7 @@ class InstanceController:
                 await self.supervisord.rpc.stop(f"{self.plan.group}:{inst.plan.name}")
             except SupervisorError as exc:
                 log.warning(
-                    "cannot stop a quarantined instance",
+                    "cannot stop instance",
                     extra={"fields": {"instance": inst.plan.name, "error": str(exc)}},
                 )
         await self.refresh(inst.plan.name)
@@ -244,11 +375,16 @@ class InstanceController:
         last_resync = time.monotonic()
         try:
             while True:
-                for inst in self.state.instances.values():
-                    if inst.process_state is ProcessState.STOPPED and not inst.quarantined:
-                        await self.start_instance(inst)
-                done, _ = await asyncio.wait({watcher}, timeout=self._check_interval)
-                if done:
+                await self._reconcile(time.time())
+                self._wake.clear()
+                wake = asyncio.ensure_future(self._wake.wait())
+                done, _ = await asyncio.wait(
+                    {watcher, wake},
+                    timeout=self._next_check(time.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                wake.cancel()
+                if watcher in done:
                     code = watcher.result()
                     self.state.supervisor_up = False
                     self.state.changed()
@@ -261,6 +397,27 @@ class InstanceController:
                     await self.resync()
         finally:
             watcher.cancel()
+
+    async def _reconcile(self, now: float) -> None:
+        for inst in self.state.instances.values():
+            if inst.quarantined:
+                continue
+            if inst.next_start_at is not None:
+                if now < inst.next_start_at:
+                    continue
+                if inst.process_state in UP_STATES:
+                    self._release(inst)  # up already (a stop that lost a race): nothing to do
+                elif inst.process_state in STARTABLE_STATES:
+                    await self._start_held(inst)
+            elif inst.process_state is ProcessState.STOPPED:
+                await self.start_instance(inst)
+            self._forget_if_stable(inst, now)
+
+    def _next_check(self, now: float) -> float:
+        """Seconds to the next pass: the check interval, or sooner when a backoff ends."""
+        due = [i.next_start_at - now for i in self.state.instances.values()
+               if i.next_start_at is not None and not i.quarantined]
+        return max(min([self._check_interval, *due]), 0.01)
 
     async def _stop_orphans(self) -> None:
         """Instances that outlived supervisord (it was killed): SIGINT their process groups,
@@ -308,6 +465,11 @@ class InstanceController:
         self.state.changed()
         self._receiver.close()
         self.supervisord.remove_socket()
+
+
+def _tail_lines(text: str) -> list[str]:
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    return lines[-LOG_TAIL_LINES:]
 
 
 def _log_transition(name: str, before: ProcessState, after: ProcessState, pid: int | None) -> None:

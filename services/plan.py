@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from config.errors import ConfigError, Problem
-from config.settings import Settings, check_ports
+from config.settings import Settings, check_ports, instance_withheld_env
 from services.gpu.interface import Gpu, cpu_slots
 from services.models.extra_paths import render_extra_model_paths
 
@@ -75,10 +76,16 @@ class NodePlan:
     models_path: Path | None = None
     extra_model_paths: Path | None = None
     extra_model_paths_yaml: str = ""
+    # Secrets of the agent's environment the instances do not inherit (INSTANCE_PASS_ENV).
+    withheld_env: tuple[str, ...] = ()
 
     @property
     def group(self) -> str:
         return INSTANCE_GROUP
+
+    def inherited_env(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """What supervisord (and through it every instance) gets of the agent's ``environ``."""
+        return {k: v for k, v in environ.items() if k not in self.withheld_env}
 
     def instance(self, gpu: int) -> InstancePlan | None:
         return next((i for i in self.instances if i.gpu == gpu), None)
@@ -216,6 +223,7 @@ def node_plan(settings: Settings, agent_python: str) -> NodePlan:
         extra_model_paths_yaml=render_extra_model_paths(
             settings.models_path, (m.folder for m in settings.models)
         ),
+        withheld_env=tuple(sorted(instance_withheld_env(settings))),
     )
 
 

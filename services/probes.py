@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
+from services import disk
 from services.comfyui import PNG_SIGNATURE, ComfyApiError, ComfyClient, history_error
 from services.import_check import modules_loaded, parse_startup_log
 from services.logfile import read_end
@@ -75,6 +76,7 @@ class InstanceProber:
         self._settings = settings
         self._output_dir = output_dir
         self._client = ComfyClient(session, inst.plan.url, settings.timeout)
+        self._smoke_blocked_by_disk = False
 
     def _alive(self, pid: int) -> bool:
         return self._inst.pid == pid and self._inst.process_alive
@@ -101,6 +103,12 @@ class InstanceProber:
         # ready for the moment between a passed smoke prompt and a found import failure.
         await self._check_imports(pid)
         await self._smoke(pid)
+        # A smoke prompt that failed because the workspace disk was full (SaveImage could not
+        # write) says nothing about the instance: run it again once the disk has space.
+        while self._smoke_blocked_by_disk:
+            await self._sleep_while_alive(pid, self._settings.interval)
+            if not disk.is_full(self._output_dir):
+                await self._smoke(pid)
         alive = lambda: self._alive(pid)  # noqa: E731
         await check_instance(self._state, self._inst, self._client, alive)
         while True:
@@ -158,8 +166,10 @@ class InstanceProber:
             await self._await_smoke(pid, prompt_id, started)
         except (aiohttp.ClientError, TimeoutError, ComfyApiError, KeyError, ValueError) as exc:
             self._check(pid)
+            self._smoke_blocked_by_disk = disk.is_full(self._output_dir)
             self._finish_smoke(started, f"{type(exc).__name__}: {exc}")
             return
+        self._smoke_blocked_by_disk = False
         self._finish_smoke(started, None)
 
     async def _await_smoke(self, pid: int, prompt_id: str, started: float) -> None:

@@ -100,6 +100,15 @@ class InstanceState:
     # Why its GPU was taken out of service (NVML health or the self-test): never restarted.
     quarantined: str | None = None
     log_tail: list[str] = field(default_factory=list)
+    # Backoff (services/backoff.py): the failures (FATAL, early crashes) since it last ran
+    # INSTANCE_STABLE_SECS, the agent's held starts among them, when the next start is due
+    # (None: not held), how long that wait is, and when each crash of the streak happened.
+    failures: int = 0
+    attempt: int = 0
+    next_start_at: float | None = None
+    backoff_s: float | None = None
+    crash_times: list[float] = field(default_factory=list)
+    backoff_starts: int = 0  # held starts the agent made since it started (a counter)
     # Models (issue 5): set when the manifest or a workflow needs this instance checked.
     model_check_needed: bool = False
     model_check_pid: int | None = None  # the process the last complete check was of
@@ -111,6 +120,11 @@ class InstanceState:
     def process_alive(self) -> bool:
         """supervisord has it up and the agent has not seen its pid die."""
         return self.process_state in UP_STATES and self.pid is not None and not self.pid_exited
+
+    @property
+    def in_backoff(self) -> bool:
+        """The agent holds its next start until ``next_start_at``."""
+        return self.next_start_at is not None
 
     def reset_runtime(self) -> None:
         """Forget what was learned about the previous process."""
@@ -147,6 +161,9 @@ class GpuStatus:
     row_remap_pending: bool | None = None
     row_remap_failed: bool | None = None
     retired_pages_pending: bool | None = None
+    # Samples in a row the policy found unhealthy (hot, unanswered); GPU_UNHEALTHY_SAMPLES of
+    # them quarantine the GPU, a healthy sample resets the count.
+    unhealthy_samples: int = 0
     # Xid code -> events seen since the agent started (a counter, never a "last Xid" gauge).
     xid_counts: dict[int, int] = field(default_factory=dict)
     quarantined: bool = False
@@ -260,6 +277,11 @@ class MachineState:
     download_bytes_total: int = 0
     # Physical GPUs by NVML index (empty in CPU mode and until the GPU sampler lands).
     gpus: dict[int, GpuStatus] = field(default_factory=dict)
+    # The workspace disk, checked every few seconds (services/disk.py): free bytes (None until
+    # checked or when unreadable) and whether that is below the full mark.
+    workspace_path: str = ""
+    workspace_free_bytes: int | None = None
+    workspace_full: bool = False
     version: int = 0
     _changed: asyncio.Event | None = field(default=None, repr=False)
 

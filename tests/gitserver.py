@@ -55,7 +55,7 @@ def git_http_server(root: Path, accepted: set[str] | None = None) -> Iterator[Gi
     state = GitHttpServer(root, set(accepted or ()))
 
     class Handler(SimpleHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             auth = self.headers.get("Authorization")
             if state.accepted and auth not in state.accepted:
                 state.seen.append(Seen(self.path, auth, 401))
@@ -68,7 +68,7 @@ def git_http_server(root: Path, accepted: set[str] | None = None) -> Iterator[Gi
             state.seen.append(Seen(self.path, auth, 200 if target.is_file() else 404))
             super().do_GET()
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))

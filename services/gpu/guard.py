@@ -32,6 +32,7 @@ def policy_from(settings: Settings) -> GpuPolicy:
         max_temperature_celsius=settings.gpu_max_temperature_celsius,
         max_ecc_uncorrected=settings.gpu_max_ecc_uncorrected,
         ignored_xids=tuple(settings.gpu_ignored_xids),
+        unhealthy_samples=settings.gpu_unhealthy_samples,
     )
 
 

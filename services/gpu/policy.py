@@ -2,7 +2,11 @@
 
 Xid classes follow NVIDIA's Xid catalogue (docs.nvidia.com/deploy/xid-errors) and the
 Kubernetes device plugin, which treats 13, 31, 43, 45 and 68 as application errors (a bad
-kernel, a killed or faulting process: the GPU is fine) and every other Xid as a GPU fault."""
+kernel, a killed or faulting process: the GPU is fine) and every other Xid as a GPU fault.
+
+A fault of the hardware's record (a fatal Xid, uncorrected ECC errors, a failed row remap)
+quarantines at once; a reading that can be a passing moment (a hot sample, a GPU that did not
+answer one sample) only after ``unhealthy_samples`` unhealthy samples in a row (``debounce``)."""
 
 from __future__ import annotations
 
@@ -71,6 +75,7 @@ class GpuPolicy:
     ignored_xids: tuple[int, ...] = APPLICATION_XIDS
     quarantine_on_row_remap_failure: bool = True
     quarantine_on_retired_pages_pending: bool = False  # needs a reset, the GPU still works
+    unhealthy_samples: int = 3  # hot or unanswered samples in a row that quarantine
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,9 @@ class Verdict:
     healthy: bool
     reason: str | None = None  # why it is unhealthy, in words an operator acts on
     warnings: tuple[str, ...] = ()
+    # A fault that quarantines at once (fatal Xid, uncorrected ECC, failed row remap); else
+    # only GPU_UNHEALTHY_SAMPLES unhealthy samples in a row do.
+    immediate: bool = False
 
 
 RESET_HINT = "drain the host and reset the GPU (nvidia-smi -r) or reboot; if it recurs, replace it"
@@ -85,10 +93,11 @@ RESET_HINT = "drain the host and reset the GPU (nvidia-smi -r) or reboot; if it 
 
 def evaluate(sample: GpuSample, new_xids: list[int], policy: GpuPolicy) -> Verdict:
     """The verdict on one GPU from its latest sample and the Xid events since the last one."""
-    problems: list[str] = []
+    problems: list[str] = []  # faults that act at once
+    passing: list[str] = []  # readings that may pass: they act when they last
     warnings: list[str] = []
     if sample.lost:
-        problems.append(f"the GPU stopped answering NVML ({sample.lost}); {RESET_HINT}")
+        passing.append(f"the GPU stopped answering NVML ({sample.lost}); {RESET_HINT}")
     for code in dict.fromkeys(new_xids):
         kind = classify_xid(code, policy.ignored_xids)
         if kind is XidClass.APPLICATION:
@@ -112,13 +121,23 @@ def evaluate(sample: GpuSample, new_xids: list[int], policy: GpuPolicy) -> Verdi
             warnings.append(text)
     temp = sample.temperature_celsius
     if temp is not None and temp > policy.max_temperature_celsius:
-        problems.append(
+        passing.append(
             f"temperature {temp:.0f} °C is above GPU_MAX_TEMPERATURE_CELSIUS="
             f"{policy.max_temperature_celsius:.0f}; check the host's cooling"
         )
     hardware = [r for r in sample.throttle_reasons if r.startswith("hw_")]
     if hardware:
         warnings.append(f"clocks held down by the hardware: {', '.join(hardware)}")
-    if problems:
-        return Verdict(False, "; ".join(problems), tuple(warnings))
+    if problems or passing:
+        return Verdict(False, "; ".join(problems + passing), tuple(warnings), bool(problems))
     return Verdict(True, None, tuple(warnings))
+
+
+def debounce(verdict: Verdict, streak: int, policy: GpuPolicy) -> tuple[int, bool]:
+    """(unhealthy samples in a row including this one, quarantine now?): a fault of record
+    acts at once, a passing reading once it was seen ``policy.unhealthy_samples`` times in a
+    row; a healthy sample starts the count again."""
+    if verdict.healthy:
+        return 0, False
+    streak += 1
+    return streak, verdict.immediate or streak >= policy.unhealthy_samples

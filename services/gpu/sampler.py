@@ -1,5 +1,7 @@
 """The GPU sampler: NVML read off the event loop every few seconds into MachineState.gpus,
-judged by the policy; an unhealthy GPU is handed to ``quarantine`` (which stops its instance)."""
+judged by the policy; an unhealthy GPU is handed to ``quarantine`` (which stops its instance)
+at once for a fault of record, after GPU_UNHEALTHY_SAMPLES samples in a row for a hot or
+unanswered one (``policy.debounce``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 
 from config.errors import GpuError
 from services.gpu.interface import GpuSample, Inventory, Nvml, XidEvent
-from services.gpu.policy import GpuPolicy, evaluate
+from services.gpu.policy import GpuPolicy, debounce, evaluate
 from services.state import GpuStatus, MachineState
 
 log = logging.getLogger(__name__)
@@ -122,8 +124,17 @@ class GpuSampler:
             status = self.state.gpus[index]
             apply_sample(status, sample)
             verdict = evaluate(sample, new_xids.get(index, []), self.policy)
+            status.unhealthy_samples, act = debounce(
+                verdict, status.unhealthy_samples, self.policy
+            )
             status.warnings = verdict.warnings
-            if not verdict.healthy and not status.quarantined:
+            if not verdict.healthy and not act and not status.quarantined:
+                status.warnings += (
+                    f"{verdict.reason} (unhealthy sample {status.unhealthy_samples} of "
+                    f"{self.policy.unhealthy_samples} in a row before quarantine, "
+                    "GPU_UNHEALTHY_SAMPLES)",
+                )
+            if act and not status.quarantined:
                 status.quarantined = True
                 status.quarantine_reason = verdict.reason
                 to_quarantine.append(status)

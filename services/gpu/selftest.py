@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import time
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.supervisor.launch import dies_with_us
+from services.process_group import end_group_async, start_in_group
+
+log = logging.getLogger(__name__)
 
 SCRIPT = Path(__file__).with_name("selftest_script.py")
 
@@ -47,11 +50,17 @@ def cached_pass(cache_dir: Path, uuid: str, driver: str, max_age_s: float) -> di
 
 
 def store(cache_dir: Path, uuid: str, driver: str, report: dict) -> None:
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    """Cache a pass; a cache that cannot be written (a full disk) only means a retest."""
     path = cache_path(cache_dir, uuid, driver)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report))
-    tmp.replace(path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report))
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("self-test pass not cached", extra={"fields": {"path": str(path),
+                                                                  "error": str(exc)}})
+        tmp.unlink(missing_ok=True)
 
 
 async def run_selftest(
@@ -73,12 +82,13 @@ async def run_selftest(
     if shutil.which(str(python)) is None:
         return SelfTestResult(False, {"ok": False, "error": f"cannot run {python}: not found"})
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *dies_with_us(argv),  # SIGTERM to the test if the agent is killed
+        # In its own process group, ended whole on the timeout, on a cancel and when the agent
+        # dies (even by SIGKILL): a hung test leaves nothing holding the GPU.
+        proc = await start_in_group(
+            argv,
             env={**os.environ, **env},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
         )
     except OSError as exc:
         return SelfTestResult(False, {"ok": False, "error": f"cannot run {python}: {exc}"})
@@ -86,12 +96,10 @@ async def run_selftest(
         async with asyncio.timeout(limit_s):
             out, err = await proc.communicate()
     except asyncio.CancelledError:  # the node is stopping: the test must not outlive it
-        proc.kill()
-        await asyncio.shield(proc.wait())
+        await asyncio.shield(end_group_async(proc))
         raise
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
+        await end_group_async(proc)
         return SelfTestResult(
             False,
             {

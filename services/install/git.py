@@ -7,7 +7,8 @@ transport off and ``file`` allowed only for a repository the user named (never f
 submodules), through ``GIT_CONFIG_*`` so every git process below inherits it; credentials only
 as an Authorization header for that URL in git's environment (never in argv, a URL or a file);
 a stall timeout (``http.lowSpeedTime``) and an overall bound enforced by killing git's process
-group; retries with backoff for transient failures. gitpython only reads local state."""
+group; retries with backoff for transient failures. gitpython is used for local work only (init,
+status, stash, reading commits)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -32,7 +32,7 @@ import git
 
 from config.errors import InstallError
 from config.git_input import GitAuth, redact_urls, ref_problem, split_userinfo, url_problem
-from services.supervisor.launch import dies_with_us
+from services.process_group import run_in_group
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ LOW_SPEED_LIMIT = 1000
 # The overall bound on one git command, as a multiple of GIT_TIMEOUT.
 OVERALL_FACTOR = 10
 ALL_BRANCHES = "+refs/heads/*:refs/remotes/origin/*"
+KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL for a git stopped at its bound
 BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 # git's messages for failures that no retry mends (lower case).
@@ -176,50 +177,41 @@ def run_git(
     url: str | None = None,
     allow_file: bool = False,
 ) -> str:
-    """Run ``git args`` (dies with the agent, own process group) and return its stdout;
-    GitFailure when it fails or runs past ``options.bound`` (then its whole group is killed)."""
-    proc = subprocess.Popen(
-        dies_with_us(["git", *args]),
-        cwd=cwd,
-        env=git_env(url, options, allow_file),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    """Run ``git args`` and return its stdout; GitFailure when it fails or runs past
+    ``options.bound``. Under the group launcher: git and whatever it starts (git-remote-https,
+    ssh) run in their own process group, ended whole when git is stopped or the agent dies."""
     try:
-        out, err = proc.communicate(timeout=options.bound)
+        proc = run_in_group(
+            ["git", *args],
+            timeout=options.bound,
+            grace=KILL_GRACE_S,
+            cwd=cwd,
+            env=git_env(url, options, allow_file),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
         raise GitFailure(
             f"no result within {options.bound:.0f}s (10 x GIT_TIMEOUT), stopped", transient=True
         ) from None
-    except BaseException:
-        _kill_group(proc)
-        raise
     if proc.returncode != 0:
-        text = err.decode(errors="replace")
+        text = proc.stderr.decode(errors="replace")
         message = _message(text) or f"git {args[0]} exited {proc.returncode}"
         lowered = text.lower()
         raise GitFailure(message, transient=not any(p in lowered for p in PERMANENT))
+    out: bytes = proc.stdout
     return out.decode(errors="replace")
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL git and everything in its process group (git-remote-https, ssh), then reap it.
-    Only while git is unreaped: its group id cannot have been reused."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.communicate(timeout=5)
 
 
 def _message(stderr: str) -> str:
     """The line of git's stderr that says what failed, without credentials, bounded."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     chosen = next(
-        (line for line in reversed(lines) if line.startswith(("fatal:", "error:"))),
-        lines[-1] if lines else "",
+        (line for line in lines if line.startswith("fatal:")),
+        next(
+            (line for line in reversed(lines) if line.startswith("error:")),
+            lines[-1] if lines else "",
+        ),
     )
     return redact_urls(chosen)[:500]
 
@@ -240,9 +232,11 @@ def _network(
             return run_git(args, options, cwd=cwd, url=url, allow_file=allow_file)
         except GitFailure as exc:
             if not exc.transient:
+                asks = "could not read username" in exc.message.lower()
+                cause = "the server wants credentials it was not given or refused (HTTP 401)"
                 raise InstallError(
-                    f"{what} failed: {exc.message}; check the URL, the ref and the "
-                    "credentials (a URL's user:token or auth_env)"
+                    f"{what} failed: {cause if asks else exc.message}; check the URL, the ref "
+                    "and the credentials (user:token in the URL, or auth_env)"
                 ) from None
             if attempt == attempts:
                 raise InstallError(
@@ -368,14 +362,14 @@ def _update(
             repo.git.stash("push", "-m", f"comfy-machine: local edits before checkout of {target}")
             stashed = True
             log.warning("stashed local edits", extra={"fields": {"what": what, "path": str(dest)}})
-        if repo.head.is_valid() and repo.head.commit.hexsha == target:
-            return (CheckoutAction.UPDATED if stashed else CheckoutAction.SKIPPED), stashed
         origin = next((r for r in repo.remotes if r.name == "origin"), None)
         if origin is None:
             _local(what, ["remote", "add", "--end-of-options", "origin", url], dest, options)
         elif origin.url != url:
             # Also drops credentials an older version stored in the URL.
             _local(what, ["remote", "set-url", "--end-of-options", "origin", url], dest, options)
+        if repo.head.is_valid() and repo.head.commit.hexsha == target:
+            return (CheckoutAction.UPDATED if stashed else CheckoutAction.SKIPPED), stashed
         _fetch(repo, url, ref, target, what, options)
         _switch(dest, target, what, options)
         _submodules(dest, url, what, options)

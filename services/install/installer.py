@@ -47,8 +47,8 @@ from services.install.requirements import (
     outside_problems,
 )
 from services.install.resolve import Conflict, resolve
+from services.process_group import run_in_group
 from services.state import CustomNodeState, NodeStatus, StepStatus
-from services.supervisor.launch import dies_with_us
 
 log = logging.getLogger(__name__)
 
@@ -545,16 +545,16 @@ class Installer:
         env = {k: v for k, v in os.environ.items() if k not in self.inputs.withheld_env}
         with open_private(log_path, "wb") as out:
             try:
-                # Dies with the agent: a SIGKILLed boot leaves no install.py running.
-                proc = subprocess.run(
-                    dies_with_us([str(self.inputs.python), script.name]),
+                # In its own process group, ended whole (what it started in the background too)
+                # on the timeout, when it exits, and when the agent dies, even by SIGKILL.
+                proc = run_in_group(
+                    [str(self.inputs.python), script.name],
                     cwd=script.parent,
                     env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     timeout=timeout,
                     stdin=subprocess.DEVNULL,
-                    check=False,
                 )
             except subprocess.TimeoutExpired:
                 raise InstallError(

@@ -15,7 +15,7 @@ import uv
 
 from config.errors import InstallError
 from services.install.requirements import normalize
-from services.supervisor.launch import dies_with_us
+from services.process_group import run_in_group
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,15 @@ class UvResult:
 
 
 def _uv(*args: str, timeout: float = 1800) -> UvResult:
-    proc = subprocess.run(
-        # Dies with the agent: a SIGKILLed boot leaves no uv running.
-        dies_with_us([uv.find_uv_bin(), *args]),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    # In its own process group, ended whole on a timeout and when the agent dies (even by
+    # SIGKILL): a killed boot leaves no uv, and no build backend uv started, running.
+    try:
+        proc = run_in_group(
+            [uv.find_uv_bin(), *args], timeout=timeout, capture_output=True, text=True
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = "".join(str(part) for part in (exc.stdout, exc.stderr) if part)
+        return UvResult(False, f"{output}\nerror: uv did not finish in {timeout:.0f}s")
     return UvResult(proc.returncode == 0, proc.stdout + proc.stderr)
 
 
@@ -64,10 +65,8 @@ def python_works(python: Path) -> bool:
     if not python.exists():
         return False
     try:
-        return (
-            subprocess.run([str(python), "-c", "pass"], timeout=30, capture_output=True).returncode
-            == 0
-        )
+        proc = run_in_group([str(python), "-c", "pass"], timeout=30, capture_output=True)
+        return proc.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 

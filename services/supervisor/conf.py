@@ -35,6 +35,9 @@ def _program(plan: NodePlan, inst: InstancePlan) -> str:
             f"directory={_escape(str(inst.cwd))}",
             f"environment={_environment(inst.env)}",
             # The agent starts each instance itself once its port is known to be free.
+            # supervisord runs with umask 027 (its logs, every instance's, are 0640); what
+            # ComfyUI writes (outputs) keeps the usual modes.
+            "umask=022",
             "autostart=false",
             "autorestart=true",
             f"startsecs={policy.startsecs}",
@@ -73,6 +76,8 @@ def render_conf(plan: NodePlan) -> str:
         "[supervisord]",
         "nodaemon=true",
         # The agent logs; supervisord's own log goes to a file, not the container's stdout.
+        # supervisord runs as services.supervisor.supervisord, whose log handlers drop what a
+        # full disk refuses (this file and the instances' logs) instead of dying of it.
         "silent=true",
         f"logfile={_escape(str(plan.log_dir / 'supervisord.log'))}",
         "logfile_maxbytes=10MB",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from config.errors import SupervisorError, WorkspaceBusy
-from services.files import atomic_write_text, file_identity, unlink_if_same
+from services.files import atomic_write_text, file_identity, open_private, unlink_if_same
 from services.plan import NodePlan
 from services.supervisor.conf import render_conf
 from services.supervisor.launch import dies_with_us
@@ -103,16 +104,22 @@ class Supervisord:
             [
                 sys.executable,
                 "-m",
-                "supervisor.supervisord",
+                # supervisord itself, with log handlers a full disk cannot kill (see there)
+                "services.supervisor.supervisord",
                 "-n",
                 "-c",
                 str(self.plan.supervisor_conf),
             ]
         )
-        with self.output_path.open("ab") as out:
+        with open_private(self.output_path, "ab") as out:
             # Own session: a terminal's Ctrl-C reaches the agent alone, which stops the rest.
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
+                # Without the secrets the instances must not inherit (INSTANCE_PASS_ENV).
+                env=self.plan.inherited_env(os.environ),
+                # The logs it creates (its own, every instance's) are 0640; each program
+                # sets its own umask (conf.py).
+                umask=0o027,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,

@@ -27,6 +27,7 @@ waits for it (subprocess.run), or from one that lives as long as the process."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -62,11 +63,29 @@ def dies_with_us(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "services.supervisor.launch", str(os.getpid()), "--", *argv]
 
 
+class LaunchRefused(RuntimeError):
+    """No new program is started: the agent is stopping (``refuse_launches``)."""
+
+
+_refusal: str | None = None
+
+
+def refuse_launches(reason: str | None) -> None:
+    """From now on ``in_own_group`` raises LaunchRefused(``reason``); None allows launches
+    again. A stopping agent refuses them, so that work it no longer waits for (an install
+    thread, a retry loop) fails fast instead of starting git or uv again."""
+    global _refusal
+    _refusal = reason
+
+
 def in_own_group(
     argv: list[str], grace: float = DEFAULT_GRACE_S, parent: int | None = None
 ) -> list[str]:
     """``argv`` under the group launcher: in its own process group, killed whole (children
-    included) when this process dies, when the launcher is sent SIGTERM, or when it exits."""
+    included) when this process dies, when the launcher is sent SIGTERM, or when it exits.
+    Raises LaunchRefused once ``refuse_launches`` was called."""
+    if _refusal is not None:
+        raise LaunchRefused(_refusal)
     return [
         sys.executable, "-I", "-S", LAUNCH_PY, GROUP_FLAG, "--grace", f"{grace:g}",
         str(os.getpid() if parent is None else parent), "--", *argv,
@@ -116,15 +135,11 @@ class _Reaper:
     def signal_all(self, sig: int) -> None:
         """``sig`` to the program's group and to every process under the launcher. The group id
         is safe to use: the program is reaped only at the very end, so its pid is not reused."""
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(self.program, sig)
-        except OSError:
-            pass
         for pid in _descendants(self.me):
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, sig)
-            except OSError:
-                pass
 
     def terminate(self) -> None:
         """Ask everything to stop now; SIGKILL follows after the grace."""
@@ -136,6 +151,12 @@ class _Reaper:
     def others(self) -> list[int]:
         """Children other than the program, reaping those that have ended; notes the program's
         exit (without reaping it: its zombie keeps the group id from being reused)."""
+        # The program's exit first: by the time it shows, the kernel has re-parented its
+        # children to us, so the scan below cannot miss them.
+        if self.status is None:
+            self.status = os.waitid(
+                os.P_PID, self.program, os.WEXITED | os.WNOHANG | os.WNOWAIT
+            )
         alive = []
         for pid in _children_by_parent().get(self.me, []):
             if pid == self.program:
@@ -146,10 +167,6 @@ class _Reaper:
                 continue
             if not done:
                 alive.append(pid)
-        if self.status is None:
-            self.status = os.waitid(
-                os.P_PID, self.program, os.WEXITED | os.WNOHANG | os.WNOWAIT
-            )
         return alive
 
     def run(self) -> os.waitid_result:

@@ -53,9 +53,14 @@ def test_missing_ref_names_the_nearest(upstream: tuple[str, git.Repo], tmp_path:
     assert not (tmp_path / "ComfyUI").exists()
 
 
-def test_unreachable_repo_fails_after_retries(tmp_path: Path) -> None:
-    with pytest.raises(InstallError, match="failed after 3 attempts"):
-        ensure_checkout((tmp_path / "nope").as_uri(), "master", tmp_path / "ComfyUI", "ComfyUI")
+def test_missing_repo_fails_at_once_naming_it(tmp_path: Path) -> None:
+    """Not a transient failure: no retries (those are for the network, tests/faults)."""
+    url = (tmp_path / "nope").as_uri()
+    with pytest.raises(InstallError) as info:
+        ensure_checkout(url, "master", tmp_path / "ComfyUI", "ComfyUI")
+    message = str(info.value)
+    assert message.startswith(f"ComfyUI: git ls-remote {url} failed: ")
+    assert "does not appear to be a git repository" in message
 
 
 def test_local_edits_are_stashed_not_lost(upstream: tuple[str, git.Repo], tmp_path: Path) -> None:

@@ -235,3 +235,121 @@ def test_downloading_phase_says_how_far() -> None:
         bytes_done=2**30, bytes_total=2 * 2**30)
     code, body = checks.node_report(state, NOW)
     assert code == 503 and "1.0 of 2.0 GiB downloaded, 1 model(s) left" in body["reasons"][0]
+
+
+def test_fatal_in_backoff_keeps_fatal_and_says_when_it_starts_again() -> None:
+    inst = instance(0)
+    inst.process_state, inst.pid, inst.pid_exited = ProcessState.FATAL, 300, True
+    inst.spawn_error = "Exited too quickly (process log may have details)"
+    inst.log_tail = ["main.py: error: unrecognized arguments: --bogus"]
+    inst.failures, inst.attempt, inst.backoff_s, inst.next_start_at = 2, 2, 60.0, NOW + 28.2
+    code, body = checks.instance_report(node(inst), 0, NOW)
+    assert code == 503 and body["status"] == "failed" and body["state"] == "FATAL"
+    assert (body["attempt"], body["next_start_at"], body["backoff_s"]) == (2, NOW + 28.2, 60.0)
+    reason = body["reasons"][0]
+    assert reason.startswith("comfyui-gpu0 is FATAL: it kept failing to start (Exited too")
+    assert "unrecognized arguments: --bogus" in reason
+    assert reason.endswith("the agent starts it again in 28 s (attempt 2)")
+    assert body["final"] is False and body["final_reason"] is None  # it may come back
+
+
+def test_a_damped_crash_loop_says_so_in_words() -> None:
+    inst = instance(0)
+    inst.process_state, inst.pid, inst.pid_exited = ProcessState.STOPPED, 300, True
+    inst.log_tail = ["RuntimeError: CUDA error: an illegal memory access was encountered"]
+    inst.failures, inst.attempt, inst.backoff_s = 4, 3, 40.0
+    inst.crash_times = [NOW - 180, NOW - 120, NOW - 50, NOW]
+    inst.next_start_at = NOW + 40
+    code, body = checks.instance_report(node(inst), 0, NOW)
+    assert code == 503 and body["status"] == "failed" and body["state"] == "STOPPED"
+    assert body["reasons"][0].startswith(
+        "comfyui-gpu0 crash loop: 4 crashes in 3 min, next start in 40 s (attempt 3); "
+        "last log lines: RuntimeError: CUDA error: an illegal memory access"
+    )
+    assert body["final"] is False
+
+
+def test_final_reason_is_what_no_wait_can_fix() -> None:
+    # Booting, starting, an instance in backoff, a taken port: each may still come by itself.
+    waiting = instance(1)
+    waiting.process_state, waiting.next_start_at, waiting.attempt = ProcessState.FATAL, NOW, 1
+    blocked = instance(2)
+    blocked.blocked_reason = "port 8190 is already in use (retrying)"
+    for state in (
+        node(instance(0), phase=Phase.INSTALLING),
+        node(instance(0), waiting, blocked),
+        MachineState(phase=Phase.STARTING, supervisor_expected=True),  # supervisord on its way
+    ):
+        assert checks.final_reason(state) is None
+        assert all(checks.final_reason(state, g) is None for g in state.instances)
+    # A FAILED node: for the node and every GPU.
+    failed = node(instance(0), phase=Phase.FAILED, error="install failed: no main.py",
+                  failed_step="installing")
+    reason = checks.final_reason(failed, 0)
+    assert reason == (
+        "the node failed (step installing): install failed: no main.py; fix it and restart"
+    )
+    code, body = checks.node_report(failed, NOW)
+    assert code == 503 and body["final"] is True and body["final_reason"] == reason
+    # supervisord gone while running.
+    gone = node(make_ready(instance(0)))
+    gone.supervisor_up = False
+    assert "supervisord is not running" in (checks.final_reason(gone) or "")
+    # A quarantined GPU: final for it, and for the node (never ready, only degraded).
+    sick = instance(1)
+    sick.quarantined = "GPU GPU-1 quarantined: Xid 79 (GPU has fallen off the bus)"
+    state = node(make_ready(instance(0)), sick)
+    assert checks.final_reason(state, 0) is None
+    assert checks.final_reason(state, 1) == f"gpu 1 is quarantined: {sick.quarantined}"
+    code, body = checks.instance_report(state, 1, NOW)
+    assert code == 503 and body["final"] is True and "Xid 79" in body["final_reason"]
+    code, body = checks.node_report(state, NOW)
+    assert code == 200 and body["status"] == "degraded" and body["final"] is True
+    assert "--gpu" in body["final_reason"]
+
+
+def test_final_reason_of_custom_nodes_install_yes_import_no() -> None:
+    from services.state import CustomNodeState, NodeStatus
+
+    state = node(make_ready(instance(0)))
+    state.custom_nodes = {
+        "imports": CustomNodeState("imports", "u", "r", True, True, status=NodeStatus.FAILED,
+                                   error="import failed: x", import_failed=True),
+    }
+    assert checks.final_reason(state) is None  # a restart checks the import again
+    state.custom_nodes["clone"] = CustomNodeState(
+        "clone", "u", "r", False, True, status=NodeStatus.FAILED, error="ref v9 not found"
+    )
+    assert checks.final_reason(state) == (
+        "custom node clone failed to install: ref v9 not found; fix it and restart the node"
+    )
+
+
+def test_progress_moves_with_state_not_with_probes_or_countdowns() -> None:
+    inst = instance(0)
+    inst.process_state, inst.pid, inst.started_at = ProcessState.STARTING, 100, NOW
+    state = node(inst)
+    first = checks.progress_token(checks.node_report(state, NOW)[1])
+    inst.last_probe = ProbeResult(NOW + 1, False, 0.01, "refused")
+    assert checks.progress_token(checks.node_report(state, NOW + 3)[1]) == first
+    make_ready(inst)
+    moved = checks.progress_token(checks.node_report(state, NOW + 3)[1])
+    assert moved != first
+    instance_progress = checks.progress_token(checks.instance_report(state, 0, NOW)[1])
+    inst.process_state, inst.next_start_at, inst.attempt = ProcessState.FATAL, NOW + 5, 1
+    assert checks.progress_token(checks.instance_report(state, 0, NOW)[1]) != instance_progress
+
+
+def test_a_full_workspace_degrades_a_serving_node_and_says_so() -> None:
+    state = node(make_ready(instance(0)), make_ready(instance(1)),
+                 workspace_path="/ws", workspace_free_bytes=4096, workspace_full=True)
+    code, body = checks.node_report(state, NOW)
+    assert code == 200 and body["status"] == "degraded" and body["phase"] == "DEGRADED"
+    assert body["reasons"][0].startswith("workspace disk full: 4096 bytes free on /ws")
+    # Space returns: ready again, no restart needed.
+    state.workspace_full, state.workspace_free_bytes = False, 10**9
+    code, body = checks.node_report(state, NOW)
+    assert code == 200 and body["status"] == "ready" and body["reasons"] == []
+    # While booting the reason is given too.
+    state.phase, state.workspace_full = Phase.INSTALLING, True
+    assert any("workspace disk full" in r for r in checks.node_report(state, NOW)[1]["reasons"])

@@ -7,7 +7,7 @@ import pytest
 from config.settings import load_settings
 from services.gpu.guard import policy_from
 from services.gpu.interface import GpuSample
-from services.gpu.policy import GpuPolicy, XidClass, classify_xid, evaluate
+from services.gpu.policy import GpuPolicy, Verdict, XidClass, classify_xid, debounce, evaluate
 
 OK = GpuSample(at=0.0, temperature_celsius=50.0, ecc_uncorrected_total=0)
 
@@ -72,3 +72,28 @@ def test_policy_from_settings() -> None:
     assert policy == GpuPolicy(80.0, 1, (13, 31, 74))
     assert evaluate(OK, [74], policy).healthy
     assert not evaluate(GpuSample(at=0, temperature_celsius=81.0), [], policy).healthy
+
+
+def test_faults_of_record_act_at_once_passing_readings_when_they_last() -> None:
+    policy = GpuPolicy(unhealthy_samples=3)
+    immediate = {
+        "fatal Xid": evaluate(OK, [79], policy),
+        "uncorrected ECC": evaluate(GpuSample(at=0, ecc_uncorrected_total=1), [], policy),
+        "row remap failed": evaluate(GpuSample(at=0, row_remap_failed=True), [], policy),
+    }
+    for what, verdict in immediate.items():
+        assert not verdict.healthy and verdict.immediate, what
+        assert debounce(verdict, 0, policy) == (1, True), what
+    hot = evaluate(GpuSample(at=0, temperature_celsius=95.0), [], policy)
+    lost = evaluate(GpuSample(at=0, lost="NVML: timeout"), [], policy)
+    for verdict in (hot, lost):
+        assert not verdict.healthy and not verdict.immediate
+        assert debounce(verdict, 0, policy) == (1, False)
+        assert debounce(verdict, 1, policy) == (2, False)
+        assert debounce(verdict, 2, policy) == (3, True)
+    # A healthy sample starts the count again; with 1 the first unhealthy sample acts.
+    assert debounce(Verdict(True), 2, policy) == (0, False)
+    assert debounce(hot, 0, GpuPolicy(unhealthy_samples=1)) == (1, True)
+    # A hot sample with a fatal Xid is a fault of record: at once.
+    both = evaluate(GpuSample(at=0, temperature_celsius=95.0), [48], policy)
+    assert both.immediate and "Xid 48" in (both.reason or "") and "95 °C" in (both.reason or "")

@@ -9,6 +9,7 @@ from aiohttp.test_utils import TestClient
 
 from health.server import create_app
 from services.state import MachineState, Phase
+from services.supervisor.states import ProcessState
 from tests.unit.test_checks import instance, make_ready, node
 
 
@@ -87,3 +88,47 @@ async def test_every_endpoint_answers(aiohttp_client) -> None:  # type: ignore[n
         assert resp.status == 200, path
         assert {"status", "phase", "reasons"} <= body.keys(), path
         assert resp.headers["Cache-Control"] == "no-store"
+
+
+async def test_wait_answers_at_once_when_only_someone_acting_can_help(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    sick = instance(1)
+    state = node(instance(0), sick, phase=Phase.STARTING)
+    client = await client_for(aiohttp_client, state)
+    # Quarantined while a waiter waits on that GPU: answered at the change, not at the end.
+    asyncio.get_running_loop().call_later(0.1, lambda: (
+        setattr(sick, "quarantined", "GPU GPU-1 quarantined: Xid 79"), state.changed()))
+    started = time.monotonic()
+    resp = await client.get("/health/comfyui/instances/1", params={"wait": "30"})
+    body = await resp.json()
+    assert resp.status == 503 and body["final"] is True and "Xid 79" in body["final_reason"]
+    assert time.monotonic() - started < 1.0
+    # A FAILED node answers every waiter at once.
+    state.set_phase(Phase.FAILED, "install failed", "installing")
+    for path in ("/health/comfyui", "/readyz", "/health/comfyui/instances/0"):
+        started = time.monotonic()
+        resp = await client.get(path, params={"wait": "30"})
+        body = await resp.json()
+        assert resp.status == 503 and body["final"] is True, path
+        assert "install failed" in body["final_reason"]
+        assert time.monotonic() - started < 1.0, path
+
+
+async def test_wait_since_answers_on_each_change(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    inst = instance(0)
+    state = node(inst)
+    client = await client_for(aiohttp_client, state)
+    resp = await client.get("/health/comfyui/instances/0", params={"wait": "30", "since": ""})
+    first = await resp.json()  # no answer has progress_token "": at once
+    assert first["state"] == "STOPPED" and first["progress_token"]
+    # A probe-like change does not release it; a state change does.
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.1, state.changed)
+    loop.call_later(0.3, lambda: (setattr(inst, "process_state", ProcessState.STARTING),
+                                  setattr(inst, "pid", 7), state.changed()))
+    started = time.monotonic()
+    resp = await client.get(
+        "/health/comfyui/instances/0", params={"wait": "30", "since": first["progress_token"]}
+    )
+    body = await resp.json()
+    assert body["state"] == "STARTING" and body["progress_token"] != first["progress_token"]
+    assert 0.25 < time.monotonic() - started < 2.0

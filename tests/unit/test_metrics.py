@@ -127,6 +127,11 @@ def test_node_metrics() -> None:
     _, samples = scrape(state)
     assert value(samples, "comfy_machine_phase", phase="INSTALLING") == 1
     assert value(samples, "comfy_machine_supervisor_up") == 0
+    # The workspace's free bytes once the agent has checked them.
+    assert find(samples, "comfy_machine_workspace_free_bytes") == []
+    state.workspace_free_bytes = 12345
+    _, samples = scrape(state)
+    assert value(samples, "comfy_machine_workspace_free_bytes") == 12345
 
 
 def test_instance_metrics_follow_the_state_at_each_scrape() -> None:

@@ -207,3 +207,27 @@ def test_absurd_num_gpus_blames_num_gpus(value: str) -> None:
     assert line.startswith(f"NUM_GPUS='{value}':")
     assert "less than or equal to 64" in line and "COMFYUI_PORT_START" not in line
     assert load_settings({"NUM_GPUS": "64", "COMFYUI_PORT_START": "10000"}).num_gpus == 64
+
+
+def test_git_bounds_and_the_secrets_instances_do_not_inherit(tmp_path: Path) -> None:
+    from config.settings import instance_withheld_env
+
+    s = load_settings({})
+    assert (s.git_timeout, s.git_retries, s.instance_pass_env) == (120.0, 2, [])
+    conf = tmp_path / "machine.toml"
+    conf.write_text(
+        '[[custom_nodes]]\nurl = "https://h/o/n"\nauth_env = "NODE_TOKEN"\n'
+        '[[models]]\nurl = "https://h/m.safetensors"\nfolder = "checkpoints"\n'
+        'auth_env = "HF_TOKEN"\n'
+    )
+    s = load_settings({"MACHINE_CONFIG": str(conf), "GIT_TIMEOUT": "2", "GIT_RETRIES": "0",
+                       "INSTANCE_PASS_ENV": "HF_TOKEN, OTHER"})
+    assert (s.git_timeout, s.git_retries, s.instance_pass_env) == (2.0, 0, ["HF_TOKEN", "OTHER"])
+    assert instance_withheld_env(s) == {
+        "NODE_TOKEN", "COMFYUI_REPO", "COMFYUI_CUSTOM_NODES", "MACHINE_HEALTH_TOKEN"
+    }
+    bad = problems({"INSTANCE_PASS_ENV": "1BAD,OK", "GIT_TIMEOUT": "0", "GIT_RETRIES": "-1"})
+    assert any(p.startswith("INSTANCE_PASS_ENV='1BAD,OK': not environment variable names: 1BAD")
+               for p in bad), bad
+    assert any(p.startswith("GIT_TIMEOUT='0'") for p in bad), bad
+    assert any(p.startswith("GIT_RETRIES='-1'") for p in bad), bad

@@ -1,0 +1,86 @@
+"""supervisord with logging a full disk cannot kill: ``python -m services.supervisor.supervisord
+-n -c CONF`` is supervisord itself, its log handlers made to drop what they cannot write.
+
+Why (supervisor 4.x, supervisor/loggers.py): ``Handler.emit`` catches a failed write and calls
+``handleError``, which prints the traceback to supervisord's stderr, unguarded: when that cannot
+be written either (a full disk), the exception escapes into supervisord's main loop (a process's
+exit is logged from ``reap()``, outside any guard) and supervisord dies, taking the healthy
+instances with it. And ``RotatingFileHandler.doRollover`` runs outside ``emit``'s guard: on a full
+disk at a rollover, closing the file raises, and the closed file is written again at each record
+after, which closes that instance's output channel for good.
+
+So, here: a failed write drops the record and is noted once on stderr (a raw write whose failure
+is ignored) until a write succeeds again; a failed rollover is dropped as well, and a handler
+whose file was closed under it reopens the file at the next record. Nothing else changes:
+supervisord's own log stays in ``<workspace>/logs/supervisord.log`` and the instances' logs stay
+rotated by size, and writing resumes by itself once the disk has space."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any
+
+from supervisor import loggers
+
+_PATCHED = "_comfy_machine_patched"
+
+
+def _note(text: str) -> None:
+    with contextlib.suppress(OSError):  # stderr may be on the full disk too
+        os.write(2, text.encode(errors="replace"))
+
+
+def _name(handler: Any) -> str:
+    return str(getattr(handler, "baseFilename", None) or "a log")
+
+
+def _handle_error(self: Any) -> None:
+    """Instead of printing a traceback (which may fail and escape): note the first failure."""
+    if not getattr(self, "_failing", False):
+        self._failing = True
+        _note(f"supervisord: cannot write {_name(self)}: {sys.exc_info()[1]!r}; "
+              "its records are dropped until it can\n")
+
+
+def patch_loggers() -> None:
+    """Make supervisord's log handlers unable to raise out of a log call (idempotent)."""
+    if getattr(loggers, _PATCHED, False):
+        return
+    flush = loggers.Handler.flush
+
+    def handler_flush(self: Any) -> None:
+        flush(self)  # a failure raises into emit's guard, which calls handleError
+        if getattr(self, "_failing", False):
+            self._failing = False
+            _note(f"supervisord: writing {_name(self)} again\n")
+
+    def rotating_emit(self: Any, record: Any) -> None:
+        if self.stream.closed and not self.closed:  # closed by a rollover that failed
+            try:
+                self.stream = open(self.baseFilename, self.mode)  # noqa: SIM115
+            except OSError:
+                self.handleError()
+                return
+        loggers.FileHandler.emit(self, record)
+        try:
+            self.doRollover()
+        except (OSError, ValueError):
+            self.handleError()
+
+    loggers.Handler.handleError = _handle_error  # type: ignore[method-assign]
+    loggers.Handler.flush = handler_flush  # type: ignore[method-assign]
+    loggers.RotatingFileHandler.emit = rotating_emit  # type: ignore[method-assign]
+    setattr(loggers, _PATCHED, True)
+
+
+def main() -> None:
+    patch_loggers()
+    from supervisor.supervisord import main as supervisord_main
+
+    supervisord_main()
+
+
+if __name__ == "__main__":
+    main()
