@@ -82,9 +82,16 @@ def http_json(url: str, timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
         return err.code, json.load(err)
 
 
+# Every directory short_tmpdir() made; tests/conftest.py removes what is left at the end.
+SHORT_TMPDIRS: list[Path] = []
+
+
 def short_tmpdir() -> Path:
+    """A new directory under /tmp, removed at the end of the session at the latest."""
     # Unix socket paths are limited to 107 bytes: keep workspaces short.
-    return Path(tempfile.mkdtemp(prefix="cm-", dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="cm-", dir="/tmp"))
+    SHORT_TMPDIRS.append(path)
+    return path
 
 
 class Node:
