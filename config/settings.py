@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -24,17 +25,23 @@ from config.errors import ConfigError, Problem
 from config.git_input import GitAuth, redact_urls, ref_problem, url_problem
 from config.models import ENV_NAME, ModelEntry, build_model_specs
 from config.nodes import (
+    DEFAULT_REGISTRY_URL,
     CustomNodeEntry,
     CustomNodeSpec,
     build_node_auth,
     build_specs,
+    registry_url_problem,
     snapshot_nodes,
 )
 
 CONFIG_ENV = "MACHINE_CONFIG"
 # Settings whose value an error message must never show.
-SECRET_FIELDS = frozenset({"machine_health_token"})
+SECRET_FIELDS = frozenset({"machine_health_token", "comfyui_access_token"})
 MIN_TOKEN_LENGTH = 16
+# The token the authenticating proxy (COMFYUI_EXPOSE=proxy) asks for. It goes into URLs
+# (``?token=``, ``http://user:TOKEN@host``), so it is made of characters no URL has to escape.
+MIN_ACCESS_TOKEN_LENGTH = 24
+ACCESS_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]+")
 # More instances than any machine has GPUs is a typo; the limit keeps the port checks sane.
 MAX_GPUS = 64
 # Paths the instances use from their own working directory (the install path) or that go into
@@ -44,6 +51,8 @@ RESOLVED_PATH_FIELDS = (
     "comfyui_install_path",
     "comfyui_models_path",
     "comfyui_python",
+    "comfyui_tls_cert",
+    "comfyui_tls_key",
 )
 
 log = logging.getLogger(__name__)
@@ -71,6 +80,31 @@ class Settings(BaseSettings):
     comfyui_cpu_only: bool = Field(False, description="true or false")
     comfyui_port_start: int = Field(8188, ge=1, le=65535, description="a TCP port, 1-65535")
     comfyui_listen: str = Field("127.0.0.1", description="an IPv4 or IPv6 address")
+    comfyui_expose: Literal["none", "proxy"] = Field(
+        "none",
+        description="'none' (instances serve on COMFYUI_LISTEN themselves) or 'proxy' (each "
+        "instance on 127.0.0.1, an authenticating proxy on its public port)",
+    )
+    comfyui_internal_port_start: int = Field(
+        18188, ge=1, le=65535,
+        description="a TCP port, 1-65535: with COMFYUI_EXPOSE=proxy the instance on GPU i "
+        "listens on 127.0.0.1 at this + i",
+    )
+    comfyui_public_listen: str = Field(
+        "0.0.0.0", description="an IPv4 or IPv6 address the proxy serves the public ports on"
+    )
+    comfyui_access_token: SecretStr | None = Field(
+        None,
+        description=f"a secret of at least {MIN_ACCESS_TOKEN_LENGTH} characters from A-Z a-z "
+        "0-9 - . _ ~ (e.g. `openssl rand -hex 32`); the proxy lets in only requests that "
+        "carry it",
+    )
+    comfyui_tls_cert: Path | None = Field(
+        None, description="a PEM certificate file (with COMFYUI_TLS_KEY): the proxy speaks HTTPS"
+    )
+    comfyui_tls_key: Path | None = Field(
+        None, description="the PEM private key file of COMFYUI_TLS_CERT"
+    )
     comfyui_args: str = Field("", description="extra ComfyUI flags, shell-quoted")
     comfyui_repo: str = Field("https://github.com/Comfy-Org/ComfyUI.git", description="a git URL")
     comfyui_ref: str = Field("v0.3.64", min_length=1, description="a commit, tag or branch")
@@ -86,14 +120,20 @@ class Settings(BaseSettings):
         "default a managed virtualenv at <MACHINE_WORKSPACE>/venv",
     )
     comfyui_custom_nodes: str = Field(
-        "", description="comma-separated git URLs, each optionally @ref (commit, tag, branch)"
+        "", description="comma-separated git URLs, each optionally @ref (commit, tag, branch), "
+        "or Comfy Registry ids, each optionally @version"
     )
     custom_nodes: list[CustomNodeEntry] = Field(
-        default_factory=list, description="[[custom_nodes]] tables with url, ref, name, "
-        "required, enabled, auth_env"
+        default_factory=list, description="[[custom_nodes]] tables with url and ref (git) or "
+        "id and version (Comfy Registry), name, required, enabled, auth_env"
     )
     custom_nodes_snapshot: Path | None = Field(
         None, description="a ComfyUI-Manager snapshot file (.json or .yaml)"
+    )
+    comfy_registry_url: str = Field(
+        DEFAULT_REGISTRY_URL,
+        description="the Comfy Registry API's base URL, http(s)://host[/path], without "
+        "credentials, query or fragment",
     )
     protected_packages: list[str] = Field(
         default_factory=list,
@@ -252,6 +292,14 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return value
 
+    @field_validator("comfy_registry_url")
+    @classmethod
+    def _registry_url(cls, value: str) -> str:
+        problem = registry_url_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value.rstrip("/")
+
     @field_validator("comfyui_ref")
     @classmethod
     def _git_ref(cls, value: str) -> str:
@@ -273,7 +321,22 @@ class Settings(BaseSettings):
             raise ValueError("contains spaces or control characters")
         return value
 
-    @field_validator("comfyui_listen", "machine_health_listen")
+    @field_validator("comfyui_access_token")
+    @classmethod
+    def _access_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # The message never repeats the value: it is a secret.
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if len(token) < MIN_ACCESS_TOKEN_LENGTH:
+            raise ValueError(f"too short ({len(token)} characters)")
+        if not ACCESS_TOKEN_CHARS.fullmatch(token):
+            raise ValueError(
+                "contains characters other than A-Z a-z 0-9 - . _ ~ (it goes into URLs)"
+            )
+        return value
+
+    @field_validator("comfyui_listen", "machine_health_listen", "comfyui_public_listen")
     @classmethod
     def _ip_address(cls, value: str) -> str:
         try:
@@ -575,6 +638,7 @@ def check_settings(
                 "INSTANCE_FATAL_BACKOFF",
             )
         )
+    problems.extend(check_exposure(settings, env, toml_path))
     indices = planned_gpu_indices(settings)
     if indices:
         problems.extend(check_ports(settings, indices, env, toml_path))
@@ -631,7 +695,81 @@ def check_ports(
                 f"{settings.machine_health_port}; move one of them",
             )
         ]
+    if settings.comfyui_expose == "proxy":
+        return _check_internal_ports(settings, gpus, ports, env, toml_path)
     return []
+
+
+def _check_internal_ports(
+    settings: Settings,
+    gpus: typing.Sequence[int],
+    public: list[int],
+    env: dict[str, str],
+    toml_path: Path | None,
+) -> list[Problem]:
+    """With the proxy, the instance on GPU i listens on COMFYUI_INTERNAL_PORT_START + i
+    (127.0.0.1): those ports must fit, and be neither a public port nor the health port."""
+    first = settings.comfyui_internal_port_start
+    ports = sorted(first + index for index in gpus)
+    shown = _port_list(ports)
+    source = _describe_source("comfyui_internal_port_start", env, toml_path)
+    if ports[-1] > 65535:
+        limit = 65535 - max(gpus)
+        fix = f"use a start <= {limit}" if limit >= 1 else f"no start fits GPU {max(gpus)}"
+        return [Problem(
+            source, str(first),
+            f"{len(ports)} instances need internal ports {shown} (COMFYUI_INTERNAL_PORT_START "
+            f"+ GPU index), past 65535; {fix}",
+        )]
+    clash = sorted(set(ports) & {*public, settings.machine_health_port})
+    if clash:
+        return [Problem(
+            source, str(first),
+            f"internal ports {shown} overlap the public ports {_port_list(public)} "
+            f"(COMFYUI_PORT_START) or MACHINE_HEALTH_PORT={settings.machine_health_port} at "
+            f"{_port_list(clash)}; move them apart",
+        )]
+    return []
+
+
+def check_exposure(
+    settings: Settings, env: dict[str, str] | None = None, toml_path: Path | None = None
+) -> list[Problem]:
+    """COMFYUI_EXPOSE=proxy needs the access token; TLS files come as a pair, are readable
+    files, and only mean something with the proxy."""
+    env = env or {}
+
+    def src(field: str) -> str:
+        return _describe_source(field, env, toml_path)
+
+    problems: list[Problem] = []
+    proxy = settings.comfyui_expose == "proxy"
+    if proxy and settings.comfyui_access_token is None:
+        problems.append(Problem(
+            src("comfyui_access_token"), "unset",
+            "required with COMFYUI_EXPOSE=proxy: the proxy lets in only requests that carry it; "
+            f"set a secret of at least {MIN_ACCESS_TOKEN_LENGTH} characters (e.g. "
+            "`openssl rand -hex 32`)",
+        ))
+    cert, key = settings.comfyui_tls_cert, settings.comfyui_tls_key
+    for field, path, other in (("comfyui_tls_cert", cert, key), ("comfyui_tls_key", key, cert)):
+        if path is None:
+            continue
+        if not proxy:
+            problems.append(Problem(
+                src(field), _show(str(path)),
+                "TLS is served by the proxy: set COMFYUI_EXPOSE=proxy, or unset it",
+            ))
+        elif other is None:
+            problems.append(Problem(
+                src(field), _show(str(path)),
+                "COMFYUI_TLS_CERT and COMFYUI_TLS_KEY come together; set both or neither",
+            ))
+        elif not path.is_file() or not os.access(path, os.R_OK):
+            problems.append(Problem(
+                src(field), _show(str(path)), "not a readable file; expected a PEM file",
+            ))
+    return problems
 
 
 def _port_list(ports: list[int]) -> str:
@@ -656,7 +794,9 @@ def custom_node_auth(settings: Settings) -> dict[str, GitAuth]:
 
 
 # Settings that can hold credentials (a git URL's userinfo) or are secrets themselves.
-SECRET_ENV = ("COMFYUI_REPO", "COMFYUI_CUSTOM_NODES", "MACHINE_HEALTH_TOKEN")
+SECRET_ENV = (
+    "COMFYUI_REPO", "COMFYUI_CUSTOM_NODES", "MACHINE_HEALTH_TOKEN", "COMFYUI_ACCESS_TOKEN",
+)
 
 
 def instance_withheld_env(settings: Settings) -> frozenset[str]:
@@ -687,7 +827,8 @@ def _custom_nodes(
                               ) from None
         if not isinstance(data, dict):
             raise ConfigError([Problem("custom_nodes_snapshot", str(path),
-                                       "expected a mapping with 'comfyui' and 'git_custom_nodes'")])
+                                       "expected a mapping with 'comfyui', 'git_custom_nodes' "
+                                       "and 'cnr_custom_nodes'")])
         snapshot_ref, snapshot_entries, problems = snapshot_nodes(data, source)
         if snapshot_ref and "comfyui_ref" not in settings.model_fields_set:
             comfyui_ref = snapshot_ref

@@ -18,6 +18,8 @@ from services.state import (
     ModelStatus,
     NodeStatus,
     Phase,
+    ProxyState,
+    SmokeResult,
     SmokeStatus,
     StepStatus,
 )
@@ -40,7 +42,77 @@ def instance_ready(inst: InstanceState) -> bool:
         and inst.smoke.pid == inst.pid
         and inst.probe_failures < PROBE_FAILURES_NOT_READY
         and models_listed(inst)
+        and public_path_ok(inst)
     )
+
+
+def public_path_ok(inst: InstanceState) -> bool:
+    """No proxy (COMFYUI_EXPOSE=none), or the proxy serves and this process's smoke prompt
+    passed through it: users reach it the way they are meant to."""
+    if inst.proxy is None:
+        return True
+    smoke = inst.public_smoke
+    return (
+        inst.proxy.serving
+        and smoke is not None
+        and smoke.pid == inst.pid
+        and smoke.status is SmokeStatus.PASSED
+    )
+
+
+def proxy_reasons(proxy: ProxyState, now: float) -> list[str]:
+    """Why the proxy does not serve the public ports (empty when it does)."""
+    if proxy.serving:
+        return []
+    name, log_path = proxy.plan.name, proxy.plan.log_path
+    ports = ", ".join(str(p) for p in proxy.plan.ports)
+    closed = f"public port(s) {ports} on {proxy.plan.listen} are not served"
+    tail = f"; last log lines: {' | '.join(proxy.log_tail)}" if proxy.log_tail else ""
+    if proxy.blocked_reason:
+        return [proxy.blocked_reason]
+    state = proxy.process_state
+    if state is ProcessState.FATAL:
+        why = proxy.spawn_error or proxy.exit_description or "it exited during every start-up"
+        again = (
+            f"the agent starts it again in {duration_words(max(proxy.next_start_at - now, 0.0))}"
+            if proxy.next_start_at is not None
+            else "the agent starts it again after a backoff"
+        )
+        return [f"{name} (Caddy) is FATAL: it kept failing to start ({why}){tail}; {closed}; "
+                f"fix the cause shown in {log_path}: {again}"]
+    if state in (ProcessState.EXITED, ProcessState.BACKOFF) or proxy.pid_exited:
+        detail = f" ({proxy.exit_description})" if proxy.exit_description else ""
+        return [f"{name} (Caddy, pid {proxy.pid}) exited{detail}; {closed} until supervisord "
+                f"restarts it{tail}"]
+    if state is ProcessState.STOPPED:
+        return [f"{name} (Caddy) is not started yet; {closed}"]
+    if state is not ProcessState.RUNNING and state is not ProcessState.STARTING:
+        return [f"{name} (Caddy) is {state.name}; {closed}"]
+    if proxy.checked_pid != proxy.pid:
+        error = f" ({proxy.check_error})" if proxy.check_error else ""
+        return [f"{name} (Caddy, pid {proxy.pid}) is starting: waiting for its public ports "
+                f"to answer{error}"]
+    return [f"{name} (Caddy): the last {proxy.check_failures} checks of its public ports "
+            f"failed ({proxy.check_error}); see {log_path}"]
+
+
+def _public_path_reasons(inst: InstanceState, now: float) -> list[str]:
+    """The proxy's reasons, or this instance's smoke prompt through it."""
+    proxy = inst.proxy
+    if proxy is None:
+        return []
+    if not proxy.serving:
+        return [f"{inst.plan.name} is not reachable at {inst.plan.public_url}: {reason}"
+                for reason in proxy_reasons(proxy, now)]
+    smoke = inst.public_smoke if inst.public_smoke and inst.public_smoke.pid == inst.pid else None
+    if smoke is None or smoke.status is SmokeStatus.RUNNING:
+        return [f"{inst.plan.name} is running its smoke prompt through the proxy "
+                f"({inst.plan.public_url})"]
+    if smoke.status is SmokeStatus.FAILED:
+        return [f"{inst.plan.name} failed its smoke prompt through the proxy "
+                f"({inst.plan.public_url}): {smoke.error}; it runs again when the proxy "
+                f"restarts, see {proxy.plan.log_path}"]
+    return []
 
 
 def models_listed(inst: InstanceState) -> bool:
@@ -126,6 +198,8 @@ def _not_ready_reasons(inst: InstanceState, now: float) -> list[str]:
         if inst.model_check_pid != inst.pid:
             return [f"{name} is being checked: does it list every required model?"]
         return list(inst.model_mismatches)
+    if inst.probe_failures < PROBE_FAILURES_NOT_READY and not public_path_ok(inst):
+        return _public_path_reasons(inst, now)
     probe = inst.last_probe
     error = probe.error if probe else "no answer"
     return [f"{name}: the last {inst.probe_failures} probes of {url} failed ({error})"]
@@ -144,8 +218,57 @@ def instance_status(inst: InstanceState) -> str:
             and inst.smoke.status is SmokeStatus.FAILED
             and inst.smoke.pid == inst.pid
         )
+        or _public_path_failed(inst)
     )
     return "failed" if failed else "starting"
+
+
+def _public_path_failed(inst: InstanceState) -> bool:
+    """The proxy cannot start (a public port taken, FATAL) or this process's smoke prompt
+    through it failed."""
+    proxy, smoke = inst.proxy, inst.public_smoke
+    if proxy is None:
+        return False
+    return (
+        proxy.blocked_reason is not None
+        or proxy.process_state is ProcessState.FATAL
+        or (smoke is not None and smoke.pid == inst.pid and smoke.status is SmokeStatus.FAILED)
+    )
+
+
+def _smoke_body(smoke: SmokeResult | None) -> dict[str, Any] | None:
+    if smoke is None:
+        return None
+    return {
+        "pid": smoke.pid,
+        "status": smoke.status.value,
+        "duration_s": smoke.duration_s,
+        "prompt_id": smoke.prompt_id,
+        "error": smoke.error,
+    }
+
+
+def proxy_body(proxy: ProxyState | None, now: float) -> dict[str, Any] | None:
+    """The proxy (COMFYUI_EXPOSE=proxy) as the node's body shows it; None without one."""
+    if proxy is None:
+        return None
+    plan = proxy.plan
+    return {
+        "name": plan.name,
+        "serving": proxy.serving,
+        "state": proxy.process_state.name,
+        "pid": proxy.pid,
+        "restarts": proxy.restarts,
+        "started_at": proxy.started_at,
+        "listen": plan.listen,
+        "ports": list(plan.ports),
+        "tls": plan.tls_cert is not None,
+        "attempt": proxy.attempt,
+        "next_start_at": proxy.next_start_at,
+        "log_path": str(plan.log_path),
+        "log_tail": proxy.log_tail,
+        "reasons": proxy_reasons(proxy, now),
+    }
 
 
 def instance_body(inst: InstanceState, max_queue_depth: int | None, now: float) -> dict[str, Any]:
@@ -153,6 +276,9 @@ def instance_body(inst: InstanceState, max_queue_depth: int | None, now: float) 
     ready = instance_ready(inst)
     accepting = instance_accepting(inst, max_queue_depth)
     reasons = [] if ready else _not_ready_reasons(inst, now)
+    if not ready and inst.proxy is not None and not inst.proxy.serving:
+        # The instance's own trouble first; that its public port is closed, too.
+        reasons += [r for r in _public_path_reasons(inst, now) if r not in reasons]
     status = instance_status(inst)
     if ready and not accepting:
         status = "degraded"
@@ -169,6 +295,9 @@ def instance_body(inst: InstanceState, max_queue_depth: int | None, now: float) 
         "gpu_name": inst.plan.gpu_name,
         "port": inst.plan.port,
         "url": inst.plan.url,
+        # COMFYUI_EXPOSE=proxy: where users and remote workers come in (null without it).
+        "public_port": inst.plan.public_port,
+        "public_url": inst.plan.public_url,
         "status": status,
         "state": inst.process_state.name,
         "ready": ready,
@@ -194,6 +323,7 @@ def instance_body(inst: InstanceState, max_queue_depth: int | None, now: float) 
             "prompt_id": smoke.prompt_id,
             "error": smoke.error,
         },
+        "public_smoke": _smoke_body(inst.public_smoke),
         "queue_pending": inst.queue_pending,
         "queue_running": inst.queue_running,
         # The backoff (FATAL or a crash loop): held starts so far in this streak of failures,
@@ -278,6 +408,8 @@ def node_report(state: MachineState, now: float) -> Report:
         "accepting": any(i["accepting"] for i in instances),
         "final": final is not None,
         "final_reason": final,
+        # COMFYUI_EXPOSE=proxy: the proxy in front of the instances (null without it).
+        "proxy": proxy_body(state.proxy, now),
     }
     if state.phase is Phase.FAILED:
         reason = state.error or "the boot failed"
@@ -427,12 +559,16 @@ def installation_report(state: MachineState, now: float) -> Report:
             "status": n.status,
             "error": n.error,
             "import_checked": n.import_checked,
+            "source": n.source,  # "git" or "registry" (Comfy Registry: id, version, sha256)
+            "id": n.registry_id,
+            "version": n.version,
+            "sha256": n.sha256,
         }
         for n in state.custom_nodes.values()
     ]
     required_failed, optional_failed = custom_node_reasons(state)
-    node_steps = {f"checkout {n}" for n in state.custom_nodes} | {
-        f"install.py {n}" for n in state.custom_nodes
+    node_steps = {
+        f"{step} {n}" for n in state.custom_nodes for step in ("checkout", "fetch", "install.py")
     }
     # A node's own failed step is reported through the node; other failed steps fail the boot.
     failed = [

@@ -108,6 +108,7 @@ class MachineCollector(Collector):
         yield from self._node()
         instances = [inst for _, inst in sorted(self._state.instances.items())]
         yield from self._instances(instances)
+        yield from self._proxy()
         yield from self._install()
         yield from self._models()
         yield from self._gpus(instances)
@@ -240,6 +241,30 @@ class MachineCollector(Collector):
         yield from (info, states, ready, accepting, restarts, start, pending, running)
         yield from (backoff_starts, attempt, next_start)
         yield from (probe, probe_ok, probe_fail, smoke, smoke_ok)
+
+    def _proxy(self) -> Iterator[Metric]:
+        """The authenticating proxy (COMFYUI_EXPOSE=proxy); no series without one."""
+        proxy = self._state.proxy
+        if proxy is None:
+            return
+        yield GaugeMetricFamily(
+            PREFIX + "proxy_up",
+            "1 while the proxy (Caddy) runs and its public ports answer as they must (401 "
+            "without the access token); 0 makes every instance not ready",
+            value=_bool(proxy.serving),
+        )
+        yield CounterMetricFamily(
+            PREFIX + "proxy_restarts",
+            "Restarts of the proxy (Caddy) since the agent started: by supervisord after a "
+            "crash, or by the agent after a backoff",
+            value=float(proxy.restarts),
+        )
+        if proxy.started_at is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "proxy_start_time_seconds",
+                "Unix time the current proxy process started",
+                value=proxy.started_at,
+            )
 
     def _install(self) -> Iterator[Metric]:
         duration = GaugeMetricFamily(

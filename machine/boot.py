@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import aiohttp
 
-from config.errors import InstallError, MachineError
+from config.errors import ConfigError, InstallError, MachineError, Problem
 from config.git_input import GitAuth, split_userinfo
 from config.settings import (
     Settings,
@@ -37,18 +38,22 @@ from services.install.installer import (
     InstallReport,
     StepCallback,
     default_base_python,
+    node_state,
 )
 from services.instances import InstanceController
+from services.models.download import FetchOptions
 from services.models.step import fetch_background, models_step
 from services.plan import NodePlan, make_plan
 from services.probes import InstanceProber, ProbeSettings
 from services.process_group import run_blocking, wind_down
+from services.proxy.control import write_proxy_config
+from services.proxy.probe import ProxyProber
 from services.state import (
-    CustomNodeState,
     InstanceState,
     MachineState,
     NodeStatus,
     Phase,
+    ProxyState,
     StepStatus,
 )
 from services.supervisor.launch import DEFAULT_GRACE_S, refuse_launches
@@ -65,7 +70,22 @@ def build_plan(settings: Settings, nvml: Nvml) -> NodePlan:
     """Discover GPUs (never in CPU mode) and plan; raises ConfigError/GpuError, starts nothing."""
     custom_node_specs(settings)  # custom-node errors exit 2 with the rest, before anything runs
     gpus = [] if settings.comfyui_cpu_only or not settings.enable_comfyui else list_gpus(nvml)
-    return make_plan(settings, gpus)
+    return make_plan(settings, gpus, caddy=find_caddy(settings))
+
+
+def find_caddy(settings: Settings) -> str:
+    """The proxy's binary on PATH when COMFYUI_EXPOSE=proxy asks for it; raises ConfigError
+    (exit 2, nothing started) when it is missing."""
+    if settings.comfyui_expose != "proxy" or not settings.enable_comfyui:
+        return "caddy"
+    found = shutil.which("caddy")
+    if found is None:
+        raise ConfigError([Problem(
+            "COMFYUI_EXPOSE", "'proxy'",
+            "needs Caddy, the proxy, and `caddy` is not on PATH; install it (Debian and Ubuntu: "
+            "apt-get install caddy; the comfy-machine image has it) or set COMFYUI_EXPOSE=none",
+        )])
+    return found
 
 
 def install_inputs(settings: Settings) -> InstallInputs:
@@ -92,6 +112,8 @@ def install_inputs(settings: Settings) -> InstallInputs:
         comfyui_auth=GitAuth(userinfo=comfyui_userinfo) if comfyui_userinfo else None,
         node_auth=custom_node_auth(settings),
         withheld_env=instance_withheld_env(settings),
+        registry_url=settings.comfy_registry_url,
+        registry_options=FetchOptions(retries=settings.download_retries),
     )
 
 
@@ -126,8 +148,7 @@ async def _install(settings: Settings, plan: NodePlan, state: MachineState) -> N
     installer = Installer(install_inputs(settings), record_step(state))
     # Listed while installing; the installer's own records replace these when it is done.
     state.custom_nodes = {
-        n.name: CustomNodeState(n.name, n.url, n.ref, n.required, n.enabled,
-                                status=NodeStatus.PENDING if n.enabled else NodeStatus.DISABLED)
+        n.name: node_state(n, NodeStatus.PENDING if n.enabled else NodeStatus.DISABLED)
         for n in installer.inputs.nodes
     }
     # A daemon thread: a stop cancels this await and ends the groups the thread waits on
@@ -173,7 +194,8 @@ async def run_node(
 ) -> int:
     """Boot, serve and supervise until ``stop`` is set; then stop everything. Exit code."""
     state = MachineState(max_queue_depth=settings.max_queue_depth)
-    state.instances = {i.gpu: InstanceState(plan=i) for i in plan.instances}
+    state.proxy = ProxyState(plan=plan.proxy) if plan.proxy is not None else None
+    state.instances = {i.gpu: InstanceState(plan=i, proxy=state.proxy) for i in plan.instances}
     limits = health_limits(settings)
     token = settings.machine_health_token
     try:
@@ -289,6 +311,9 @@ async def _boot(
             directory.mkdir(parents=True, exist_ok=True)
         # GPU mode: NVML inventory and the sentinel self-test before any instance starts.
         sampler = await prepare_gpus(settings, plan, state)
+        if plan.proxy is not None and settings.comfyui_access_token is not None:
+            # The token goes into the proxy's config file (0600), never into a command line.
+            write_proxy_config(plan.proxy, settings.comfyui_access_token)
         controller = InstanceController(
             plan, state, settings.probe_interval, backoff_policy(settings)
         )
@@ -320,6 +345,7 @@ async def _boot(
         interval=settings.probe_interval,
         timeout=settings.probe_timeout,
         smoke_timeout=settings.smoke_timeout,
+        access_token=settings.comfyui_access_token,
     )
     tasks = [
         asyncio.create_task(
@@ -328,6 +354,11 @@ async def _boot(
         )
         for inst in state.instances.values()
     ]
+    if state.proxy is not None:
+        prober = ProxyProber(
+            state, state.proxy, session, settings.probe_interval, settings.probe_timeout
+        )
+        tasks.append(asyncio.create_task(prober.run(), name="probe-proxy"))
     tasks.append(asyncio.create_task(_close_on_cancel(session), name="http-session"))
     tasks.append(asyncio.create_task(fetch_background(fetcher), name="models-background"))
     if sampler is not None:

@@ -167,6 +167,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"    env:  {' '.join(f'{k}={v}' for k, v in inst.env.items())}")
         print(f"    argv: {' '.join(inst.argv)}")
         print(f"    cwd:  {inst.cwd}   log: {inst.log_path}")
+        if inst.public_url:
+            print(f"    public: {inst.public_url} (through the proxy, with the access token)")
+    if plan.proxy is not None:
+        proxy = plan.proxy
+        print(f"proxy:     {proxy.name}: Caddy on {proxy.listen}, ports "
+              f"{', '.join(str(p) for p in proxy.ports)} ({proxy.scheme}), access token "
+              "required (COMFYUI_ACCESS_TOKEN)")
+        print(f"    config: {proxy.config_path} (written 0600 at boot; holds the token, "
+              "not shown)")
+        print(f"    argv:   {' '.join(proxy.argv)}   log: {proxy.log_path}")
     print(f"\n# {plan.supervisor_conf} (not written)")
     print(conf)
     return 0

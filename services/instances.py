@@ -17,6 +17,7 @@ from config.errors import SupervisorError
 from services.backoff import BackoffPolicy, Decision, Failure, after_failure, stable
 from services.plan import NodePlan
 from services.ports import port_in_use
+from services.proxy.control import ProxyControl
 from services.state import InstanceState, MachineState, Phase
 from services.supervisor.daemon import Supervisord
 from services.supervisor.events import EventReceiver, ProcessEvent
@@ -68,6 +69,12 @@ class InstanceController:
         self._locks: dict[str, asyncio.Lock] = {}
         self._watched: dict[str, tuple[int, int]] = {}  # name -> (pid, pidfd)
         self._receiver = EventReceiver(plan.events_socket, self._on_event)
+        # COMFYUI_EXPOSE=proxy: the proxy program, driven from the same events and passes.
+        self.proxy = (
+            ProxyControl(state, state.proxy, self.supervisord.rpc, self._spawn, self.backoff)
+            if state.proxy is not None
+            else None
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         for inst in plan.instances:
             self._by_name[inst.name] = state.instances[inst.gpu]
@@ -90,6 +97,9 @@ class InstanceController:
         task.add_done_callback(self._tasks.discard)
 
     def _on_event(self, event: ProcessEvent) -> None:
+        if self.proxy is not None and event.process == self.proxy.name:
+            self.proxy.on_event(event.to_state, event.from_state, event.pid)
+            return
         inst = self._by_name.get(event.process)
         if inst is None:
             return
@@ -150,6 +160,8 @@ class InstanceController:
             if inst is not None:
                 async with self._locks[info.name]:
                     await self._apply(inst, info)
+            elif self.proxy is not None and info.name == self.proxy.name:
+                await self.proxy.apply(info)
 
     async def _apply(self, inst: InstanceState, info: ProcessInfo) -> None:
         if info.state is ProcessState.FATAL and inst.plan.name not in self._fatal_counted:
@@ -412,23 +424,31 @@ class InstanceController:
             elif inst.process_state is ProcessState.STOPPED:
                 await self.start_instance(inst)
             self._forget_if_stable(inst, now)
+        if self.proxy is not None:
+            await self.proxy.reconcile(now)
 
     def _next_check(self, now: float) -> float:
         """Seconds to the next pass: the check interval, or sooner when a backoff ends."""
         due = [i.next_start_at - now for i in self.state.instances.values()
                if i.next_start_at is not None and not i.quarantined]
+        proxy_due = self.proxy.next_due(now) if self.proxy is not None else None
+        if proxy_due is not None:
+            due.append(proxy_due)
         return max(min([self._check_interval, *due]), 0.01)
 
     async def _stop_orphans(self) -> None:
         """Instances that outlived supervisord (it was killed): SIGINT their process groups,
         as supervisord would, then SIGKILL what is left after the stop timeout."""
         groups = []
-        for inst in self.state.instances.values():
-            if inst.pid is None:
+        pids = [inst.pid for inst in self.state.instances.values()]
+        if self.state.proxy is not None:
+            pids.append(self.state.proxy.pid)  # Caddy would hold the public ports
+        for pid in pids:
+            if pid is None:
                 continue
             try:
-                if os.getpgid(inst.pid) == inst.pid:  # still the group leader we started
-                    groups.append(psutil.Process(inst.pid))
+                if os.getpgid(pid) == pid:  # still the group leader we started
+                    groups.append(psutil.Process(pid))
             except (ProcessLookupError, psutil.NoSuchProcess):
                 continue
         if not groups:
@@ -458,6 +478,8 @@ class InstanceController:
             task.cancel()
         for name in list(self._watched):
             self._unwatch(name)
+        if self.proxy is not None:
+            self.proxy.unwatch()
         await self.supervisord.stop()
         await self._stop_orphans()
         self._record_stopped()

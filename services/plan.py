@@ -18,6 +18,10 @@ PROGRAM_PREFIX = "comfyui-gpu"
 # stop one after another (~1.7 s each for ComfyUI).
 INSTANCE_GROUP = "comfyui"
 EVENT_LISTENER = "comfy-machine-events"
+# The authenticating proxy (COMFYUI_EXPOSE=proxy): one Caddy for every instance's public port.
+PROXY_PROGRAM = "comfyui-proxy"
+# With the proxy, instances listen here only: nothing but the proxy (and the agent) reaches them.
+PROXY_UPSTREAM_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,60 @@ class InstancePlan:
     env: dict[str, str] = field(hash=False)
     cwd: Path
     log_path: Path
+    # COMFYUI_EXPOSE=proxy: the public port (COMFYUI_PORT_START + gpu) the proxy serves this
+    # instance on, and its URL; ``port``/``url`` are then the instance's own, on 127.0.0.1.
+    public_port: int | None = None
+    public_url: str | None = None
+
+
+@dataclass(frozen=True)
+class ProxyRoute:
+    """One public port of the proxy and the instance behind it."""
+
+    gpu: int
+    public_port: int
+    upstream: str  # host:port of the instance (127.0.0.1)
+
+
+@dataclass(frozen=True)
+class ProxyPlan:
+    """Caddy in front of the instances: one supervised program serving every public port,
+    configured by a generated file that holds the access token (never on the plan itself)."""
+
+    name: str
+    binary: str
+    config_path: Path  # written 0600 in the 0700 run directory at each boot
+    home: Path  # Caddy's HOME and XDG directories: nothing of it lands elsewhere
+    listen: str  # COMFYUI_PUBLIC_LISTEN
+    routes: tuple[ProxyRoute, ...]
+    log_path: Path
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        # Only the config file's path: the token never appears in a command line.
+        return (self.binary, "run", "--config", str(self.config_path))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "HOME": str(self.home),
+            "XDG_CONFIG_HOME": str(self.home / "config"),
+            "XDG_DATA_HOME": str(self.home / "data"),
+        }
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(route.public_port for route in self.routes)
+
+    def url(self, port: int) -> str:
+        """A public port's URL as reached on this host (a wildcard address through loopback)."""
+        return f"{self.scheme}://{_url_host(self.listen)}:{port}"
 
 
 @dataclass(frozen=True)
@@ -78,6 +136,8 @@ class NodePlan:
     extra_model_paths_yaml: str = ""
     # Secrets of the agent's environment the instances do not inherit (INSTANCE_PASS_ENV).
     withheld_env: tuple[str, ...] = ()
+    # COMFYUI_EXPOSE=proxy: the authenticating proxy in front of the instances.
+    proxy: ProxyPlan | None = None
 
     @property
     def group(self) -> str:
@@ -165,12 +225,44 @@ def _url_host(listen: str) -> str:
 MAX_SOCKET_PATH = 107
 
 
-def make_plan(settings: Settings, found: list[Gpu], agent_python: str = sys.executable) -> NodePlan:
-    """Decide instances, ports, argv, env and paths; raises ConfigError for an impossible layout."""
+def make_plan(
+    settings: Settings,
+    found: list[Gpu],
+    agent_python: str = sys.executable,
+    caddy: str = "caddy",
+) -> NodePlan:
+    """Decide instances, ports, argv, env and paths; raises ConfigError for an impossible layout.
+    ``caddy`` is the proxy's binary (COMFYUI_EXPOSE=proxy), found by the caller."""
     gpus = select_gpus(settings, found)
     node = node_plan(settings, agent_python)
     check_layout(settings, gpus, node)
-    return replace(node, instances=tuple(instance_plan(settings, node, gpu) for gpu in gpus))
+    instances = tuple(instance_plan(settings, node, gpu) for gpu in gpus)
+    proxy = proxy_plan(settings, node, instances, caddy)
+    return replace(node, instances=instances, proxy=proxy)
+
+
+def proxy_plan(
+    settings: Settings, node: NodePlan, instances: tuple[InstancePlan, ...], caddy: str
+) -> ProxyPlan | None:
+    """The proxy serving each instance's public port, or None (COMFYUI_EXPOSE=none, or no
+    instance to serve)."""
+    if settings.comfyui_expose != "proxy" or not instances:
+        return None
+    routes = tuple(
+        ProxyRoute(inst.gpu, inst.public_port or 0, f"{PROXY_UPSTREAM_HOST}:{inst.port}")
+        for inst in instances
+    )
+    return ProxyPlan(
+        name=PROXY_PROGRAM,
+        binary=caddy,
+        config_path=node.run_dir / "caddy.json",
+        home=node.run_dir / "caddy",
+        listen=settings.comfyui_public_listen,
+        routes=routes,
+        log_path=node.log_dir / f"{PROXY_PROGRAM}.log",
+        tls_cert=settings.comfyui_tls_cert,
+        tls_key=settings.comfyui_tls_key,
+    )
 
 
 def check_layout(settings: Settings, gpus: list[Gpu], node: NodePlan) -> None:
@@ -228,14 +320,22 @@ def node_plan(settings: Settings, agent_python: str) -> NodePlan:
 
 
 def instance_plan(settings: Settings, node: NodePlan, gpu: Gpu) -> InstancePlan:
-    """The instance on ``gpu``: named and ported by its index, bound to it by UUID."""
-    port = settings.comfyui_port_start + gpu.index
+    """The instance on ``gpu``: named and ported by its index, bound to it by UUID. Behind the
+    proxy it listens on 127.0.0.1 at its internal port and the proxy serves its public one."""
+    public_port = settings.comfyui_port_start + gpu.index
     name = f"{PROGRAM_PREFIX}{gpu.index}"
+    public_url = None
+    if settings.comfyui_expose == "proxy":
+        listen, port = PROXY_UPSTREAM_HOST, settings.comfyui_internal_port_start + gpu.index
+        scheme = "https" if settings.comfyui_tls_cert is not None else "http"
+        public_url = f"{scheme}://{_url_host(settings.comfyui_public_listen)}:{public_port}"
+    else:
+        listen, port = settings.comfyui_listen, public_port
     argv = (
         str(settings.python),
         "main.py",
         "--listen",
-        settings.comfyui_listen,
+        listen,
         "--port",
         str(port),
         "--output-directory",
@@ -260,10 +360,12 @@ def instance_plan(settings: Settings, node: NodePlan, gpu: Gpu) -> InstancePlan:
         gpu_uuid=gpu.uuid,
         gpu_name=gpu.name,
         port=port,
-        listen=settings.comfyui_listen,
-        url=f"http://{_url_host(settings.comfyui_listen)}:{port}",
+        listen=listen,
+        url=f"http://{_url_host(listen)}:{port}",
         argv=argv,
         env=env,
         cwd=settings.install_path,
         log_path=node.log_dir / f"{name}.log",
+        public_port=public_port if public_url else None,
+        public_url=public_url,
     )

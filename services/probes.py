@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from pydantic import SecretStr
 
 from services import disk
 from services.comfyui import PNG_SIGNATURE, ComfyApiError, ComfyClient, history_error
@@ -54,6 +55,8 @@ class ProbeSettings:
     interval: float
     timeout: float
     smoke_timeout: float
+    # COMFYUI_EXPOSE=proxy: the token the smoke prompt through the proxy carries.
+    access_token: SecretStr | None = None
 
 
 class ProcessGone(Exception):
@@ -77,6 +80,8 @@ class InstanceProber:
         self._output_dir = output_dir
         self._client = ComfyClient(session, inst.plan.url, settings.timeout)
         self._smoke_blocked_by_disk = False
+        # The proxy process the last smoke prompt through it was sent to (tried once each).
+        self._public_tried: tuple[int, int | None] | None = None
 
     def _alive(self, pid: int) -> bool:
         return self._inst.pid == pid and self._inst.process_alive
@@ -109,12 +114,14 @@ class InstanceProber:
             await self._sleep_while_alive(pid, self._settings.interval)
             if not disk.is_full(self._output_dir):
                 await self._smoke(pid)
+        await self._public_smoke_when_due(pid)
         alive = lambda: self._alive(pid)  # noqa: E731
         await check_instance(self._state, self._inst, self._client, alive)
         while True:
             await self._sleep_while_alive(pid, self._settings.interval)
             if await self._probe(pid):  # re-checks models only when one was verified since
                 await check_instance(self._state, self._inst, self._client, alive)
+            await self._public_smoke_when_due(pid)
 
     async def _sleep_while_alive(self, pid: int, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -153,30 +160,66 @@ class InstanceProber:
             "instance answering", extra={"fields": {"instance": self._inst.plan.name, "pid": pid}}
         )
 
-    async def _smoke(self, pid: int) -> None:
+    async def _smoke(self, pid: int, client: ComfyClient | None = None) -> None:
+        """The smoke prompt, straight to the instance or (``client``) through the proxy."""
         inst = self._inst
+        public = client is not None
+        client = client or self._client
         started = time.monotonic()
-        inst.smoke = SmokeResult(pid=pid, status=SmokeStatus.RUNNING, started_at=time.time())
+        result = SmokeResult(pid=pid, status=SmokeStatus.RUNNING, started_at=time.time())
+        if public:
+            inst.public_smoke = result
+        else:
+            inst.smoke = result
         self._state.changed()
+        # Its own file name through the proxy: the same prompt twice would be answered from
+        # ComfyUI's cache, naming the first run's image, which is removed by then.
+        prefix = f"{SMOKE_SUBFOLDER}/{inst.plan.name}{'-proxy' if public else ''}"
         try:
-            prompt_id = await self._client.post_prompt(
-                smoke_prompt(f"{SMOKE_SUBFOLDER}/{inst.plan.name}"), f"comfy-machine-{uuid.uuid4()}"
+            prompt_id = await client.post_prompt(
+                smoke_prompt(prefix), f"comfy-machine-{uuid.uuid4()}"
             )
-            inst.smoke.prompt_id = prompt_id
-            await self._await_smoke(pid, prompt_id, started)
+            result.prompt_id = prompt_id
+            await self._await_smoke(pid, prompt_id, started, client)
         except (aiohttp.ClientError, TimeoutError, ComfyApiError, KeyError, ValueError) as exc:
             self._check(pid)
-            self._smoke_blocked_by_disk = disk.is_full(self._output_dir)
-            self._finish_smoke(started, f"{type(exc).__name__}: {exc}")
+            if not public:
+                self._smoke_blocked_by_disk = disk.is_full(self._output_dir)
+            self._finish_smoke(started, f"{type(exc).__name__}: {exc}", result)
             return
-        self._smoke_blocked_by_disk = False
-        self._finish_smoke(started, None)
+        if not public:
+            self._smoke_blocked_by_disk = False
+        self._finish_smoke(started, None, result)
 
-    async def _await_smoke(self, pid: int, prompt_id: str, started: float) -> None:
+    async def _public_smoke_when_due(self, pid: int) -> None:
+        """COMFYUI_EXPOSE=proxy: once per process, the smoke prompt through the proxy's public
+        port with the token, which proves the way users come in (tried again when the proxy
+        restarts, should it fail). Waits for nothing: the next probe pass tries again."""
+        proxy, url = self._inst.proxy, self._inst.plan.public_url
+        token = self._settings.access_token
+        if proxy is None or token is None or url is None or not proxy.serving:
+            return
+        done = self._inst.public_smoke
+        if done is not None and done.pid == pid and done.status is SmokeStatus.PASSED:
+            return
+        if self._public_tried == (pid, proxy.pid):
+            return
+        self._public_tried = (pid, proxy.pid)
+        # Our own proxy on this host: its certificate is not checked (it may be self-signed, or
+        # name a host this address is not), the token still travels inside TLS.
+        async with aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {token.get_secret_value()}"},
+            connector=aiohttp.TCPConnector(ssl=False),
+        ) as session:
+            await self._smoke(pid, ComfyClient(session, url, self._settings.timeout))
+
+    async def _await_smoke(
+        self, pid: int, prompt_id: str, started: float, client: ComfyClient
+    ) -> None:
         deadline = started + self._settings.smoke_timeout
         while True:
             self._check(pid)
-            entry = await self._client.history(prompt_id)
+            entry = await client.history(prompt_id)
             if entry is not None and entry.get("status", {}).get("completed"):
                 break
             if entry is not None and entry.get("status", {}).get("status_str") == "error":
@@ -190,7 +233,7 @@ class InstanceProber:
         if not images:
             raise ComfyApiError("the prompt finished but SaveImage reported no image")
         image = images[0]
-        data = await self._client.view(image["filename"], image["subfolder"], image["type"])
+        data = await client.view(image["filename"], image["subfolder"], image["type"])
         if not data.startswith(PNG_SIGNATURE):
             raise ComfyApiError(f"/view returned {len(data)} bytes that are not a PNG")
         # Smoke images are ours, not the user's: remove them from the shared output folder.
@@ -238,20 +281,21 @@ class InstanceProber:
                 )
         self._state.changed()
 
-    def _finish_smoke(self, started: float, error: str | None) -> None:
-        smoke = self._inst.smoke
-        assert smoke is not None
+    def _finish_smoke(self, started: float, error: str | None, smoke: SmokeResult) -> None:
         smoke.duration_s = round(time.monotonic() - started, 4)
         smoke.status = SmokeStatus.FAILED if error else SmokeStatus.PASSED
         smoke.error = error
-        log.info(
-            "smoke " + smoke.status.value,
+        public = smoke is self._inst.public_smoke
+        log.log(
+            logging.WARNING if error and public else logging.INFO,
+            ("smoke through the proxy " if public else "smoke ") + smoke.status.value,
             extra={
                 "fields": {
                     "instance": self._inst.plan.name,
                     "pid": smoke.pid,
                     "duration_s": smoke.duration_s,
                     "error": error,
+                    **({"url": self._inst.plan.public_url} if public else {}),
                 }
             },
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from services.models.workflows import WorkflowRef
-from services.plan import InstancePlan
+from services.plan import InstancePlan, ProxyPlan
 from services.supervisor.states import UP_STATES, ProcessState
 
 
@@ -80,6 +80,49 @@ class SmokeResult:
 
 
 @dataclass
+class ProxyState:
+    """The authenticating proxy (Caddy, COMFYUI_EXPOSE=proxy) in front of every instance: its
+    process as supervisord and the agent's pidfd see it, and whether its public ports answer
+    as they must (401 without the token). Written by services/proxy; one object, shared by
+    every InstanceState (``InstanceState.proxy``), since one Caddy serves every public port."""
+
+    plan: ProxyPlan
+    process_state: ProcessState = ProcessState.STOPPED
+    pid: int | None = None
+    pid_exited: bool = False
+    restarts: int = 0
+    started_at: float | None = None
+    spawn_error: str | None = None
+    exit_description: str | None = None
+    # Why the agent does not start it (a public port is taken), with a hint.
+    blocked_reason: str | None = None
+    # The pid whose every public port answered 401 to a request without the token.
+    checked_pid: int | None = None
+    check_failures: int = 0
+    check_error: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+    # After a FATAL (it kept failing to start) the agent starts it again at this time.
+    attempt: int = 0
+    next_start_at: float | None = None
+
+    @property
+    def process_alive(self) -> bool:
+        return self.process_state in UP_STATES and self.pid is not None and not self.pid_exited
+
+    @property
+    def serving(self) -> bool:
+        """Up, and its public ports answered for this very process (a single failed check is
+        noise; two in a row take it out)."""
+        return self.process_alive and self.checked_pid == self.pid and self.check_failures < 2
+
+    def reset_runtime(self) -> None:
+        self.pid_exited = False
+        self.checked_pid = None
+        self.check_failures = 0
+        self.check_error = None
+
+
+@dataclass
 class InstanceState:
     plan: InstancePlan
     process_state: ProcessState = ProcessState.STOPPED
@@ -93,6 +136,10 @@ class InstanceState:
     last_probe: ProbeResult | None = None
     probe_failures: int = 0
     smoke: SmokeResult | None = None
+    # COMFYUI_EXPOSE=proxy: the proxy in front of it (shared), and the smoke prompt of this
+    # process sent once through it, with the token (proves the public path).
+    proxy: ProxyState | None = None
+    public_smoke: SmokeResult | None = None
     queue_pending: int | None = None
     queue_running: int | None = None
     # Why the agent does not start this instance (e.g. its port is taken), with a hint.
@@ -132,6 +179,7 @@ class InstanceState:
         self.last_probe = None
         self.probe_failures = 0
         self.smoke = None
+        self.public_smoke = None
         self.queue_pending = None
         self.queue_running = None
 
@@ -201,6 +249,10 @@ class CustomNodeState:
     error: str | None = None
     import_checked: bool = False
     import_failed: bool = False  # the failure is ComfyUI's import, which a restart re-checks
+    source: str = "git"  # or "registry" (Comfy Registry): then url is the archive's
+    registry_id: str | None = None
+    version: str | None = None  # the registry version installed
+    sha256: str | None = None  # of the registry archive
 
 
 class ModelStatus(StrEnum):
@@ -265,6 +317,8 @@ class MachineState:
     custom_nodes: dict[str, CustomNodeState] = field(default_factory=dict)
     # Keyed by InstancePlan.gpu: the GPU's NVML index (0..N-1 in CPU mode), as in the URLs.
     instances: dict[int, InstanceState] = field(default_factory=dict)
+    # COMFYUI_EXPOSE=proxy: the proxy every instance's public port goes through.
+    proxy: ProxyState | None = None
     supervisor_expected: bool = False
     supervisor_up: bool = False
     max_queue_depth: int | None = None

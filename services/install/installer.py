@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from config.errors import DiskFullError, InstallError
 from config.git_input import GitAuth, split_userinfo
-from config.nodes import CustomNodeSpec
+from config.nodes import DEFAULT_REGISTRY_URL, REGISTRY, CustomNodeSpec
 from services.files import atomic_write_text, open_private
 from services.install import pyenv
 from services.install.git import (
@@ -41,12 +42,21 @@ from services.install.lock import (
     read_lock,
     write_lock,
 )
+from services.install.registry import (
+    RegistryJob,
+    RegistryPin,
+    RegistryResult,
+    install_node,
+    registry_intact,
+)
 from services.install.requirements import (
     RequirementsFile,
     check_requirements,
     outside_problems,
 )
 from services.install.resolve import Conflict, resolve
+from services.install.unpack import MAX_UNPACKED_BYTES
+from services.models.download import FetchOptions
 from services.process_group import run_in_group
 from services.state import CustomNodeState, NodeStatus, StepStatus
 
@@ -82,6 +92,11 @@ class InstallInputs:
     node_auth: dict[str, GitAuth] = field(default_factory=dict, repr=False, compare=False)
     # Variables custom nodes' install.py do not inherit (the instances' withheld secrets).
     withheld_env: frozenset[str] = frozenset()
+    # Registry nodes: COMFY_REGISTRY_URL; retries and timeouts of its requests and of the
+    # archive downloads (DOWNLOAD_RETRIES); the cap on what one archive unpacks to.
+    registry_url: str = DEFAULT_REGISTRY_URL
+    registry_options: FetchOptions = field(default_factory=FetchOptions)
+    max_unpacked_bytes: int = MAX_UNPACKED_BYTES
 
     def __post_init__(self) -> None:
         # No credentials in a URL past this point: they would reach the lock, health, logs.
@@ -100,6 +115,7 @@ class InstallInputs:
             nodes.append(spec)
         object.__setattr__(self, "nodes", tuple(nodes))
         object.__setattr__(self, "node_auth", auth)
+        object.__setattr__(self, "registry_url", self.registry_url.rstrip("/"))
 
     def git_options(self, auth: GitAuth | None) -> GitOptions:
         """GIT_TIMEOUT, GIT_RETRIES and the Authorization header of ``auth`` (read now)."""
@@ -117,12 +133,41 @@ class InstallInputs:
         return digest(
             {
                 "comfyui": [self.comfyui_url, self.comfyui_ref, str(self.install_path)],
-                "nodes": [[n.name, n.url, n.ref, n.enabled] for n in self.nodes],
+                "nodes": [
+                    [n.name, n.url, n.ref, n.enabled]
+                    + ([n.kind, n.registry_id, self.registry_url] if n.kind == REGISTRY else [])
+                    for n in self.nodes
+                ],
                 "python": str(self.python),
                 "protected": sorted(self.protected),
                 "on_conflict": self.on_conflict,
             }
         )
+
+
+def node_state(spec: CustomNodeSpec, status: NodeStatus | None = None) -> CustomNodeState:
+    """A declared node's state before the install says more: ``status``, or ok / disabled."""
+    return CustomNodeState(
+        spec.name,
+        spec.url,
+        spec.ref,
+        spec.required,
+        spec.enabled,
+        status=status or (NodeStatus.OK if spec.enabled else NodeStatus.DISABLED),
+        source=spec.kind,
+        registry_id=spec.registry_id,
+    )
+
+
+def locked_pin(node: LockedNode) -> RegistryPin | None:
+    """The registry pin a lock entry records; None for a git node or an incomplete entry."""
+    if node.source != REGISTRY or not (node.registry_id and node.version and node.sha256):
+        return None
+    return RegistryPin(node.registry_id, node.version, node.sha256, node.url,
+                       node.registry_url or "")
+
+
+NodeResult = CheckoutResult | RegistryResult
 
 
 @dataclass
@@ -151,17 +196,8 @@ class Installer:
         self.inputs = inputs
         self._on_step = on_step
         self._failed_scripts: set[str] = set()
-        self._outcomes = {
-            n.name: CustomNodeState(
-                n.name,
-                n.url,
-                n.ref,
-                n.required,
-                n.enabled,
-                status=NodeStatus.OK if n.enabled else NodeStatus.DISABLED,
-            )
-            for n in inputs.nodes
-        }
+        self._outcomes = {n.name: node_state(n) for n in inputs.nodes}
+        self._pins: dict[str, RegistryPin] = {}  # registry nodes: what the lock records
 
     # -- step bookkeeping ---------------------------------------------------------------
     @contextmanager
@@ -198,28 +234,24 @@ class Installer:
             self._python_env(step)
         requirements_hash, installed = self._requirements(lock)
         self._install_scripts(lock, node_results)
-        # The commit on disk, checked after everything that ran in the trees.
+        # The commit (or registry archive) on disk, checked after everything that ran in the
+        # trees.
         for name, result in node_results.items():
-            if self._outcomes[name].status == NodeStatus.OK and not checkout_intact(
-                inputs.custom_nodes_dir / name, result.commit
-            ):
+            if self._outcomes[name].status != NodeStatus.OK:
+                continue
+            dest = inputs.custom_nodes_dir / name
+            if isinstance(result, RegistryResult):
+                intact = registry_intact(dest, result.pin)
+                where = f"{result.pin.registry_id} {result.pin.version} as unpacked"
+            else:
+                intact, where = checkout_intact(dest, result.commit), f"at {result.commit}"
+            if not intact:
                 self._fail_node(
                     name,
-                    f"custom_nodes/{name} is no longer at {result.commit} "
+                    f"custom_nodes/{name} is no longer {where} "
                     "after its install (its install.py changed it?)",
                 )
-        nodes = {
-            n.name: LockedNode(
-                n.url,
-                n.ref,
-                n.commit or "",
-                n.enabled,
-                install_py=self._script_status(n.name),
-                skipped_reason=n.error if n.status == NodeStatus.SKIPPED else None,
-                status=n.status,
-            )
-            for n in self._outcomes.values()
-        }
+        nodes = {n.name: self._locked_node(n) for n in self._outcomes.values()}
         write_lock(
             inputs.lock_path,
             Lock(
@@ -233,17 +265,44 @@ class Installer:
         )
         return InstallReport(comfyui.commit, list(self._outcomes.values()))
 
+    def _locked_node(self, n: CustomNodeState) -> LockedNode:
+        node = LockedNode(
+            n.url,
+            n.ref,
+            n.commit or "",
+            n.enabled,
+            install_py=self._script_status(n.name),
+            skipped_reason=n.error if n.status == NodeStatus.SKIPPED else None,
+            status=n.status,
+        )
+        if n.source == REGISTRY:
+            pin = self._pins.get(n.name)
+            node.source, node.registry_id = REGISTRY, n.registry_id
+            node.registry_url = pin.registry_url if pin else self.inputs.registry_url
+            if pin is not None:  # a failed node keeps the pin it had: a re-download must match
+                node.url, node.version, node.sha256 = pin.download_url, pin.version, pin.sha256
+        return node
+
+    def _intact(self, name: str, node: LockedNode) -> Callable[[], bool]:
+        """The warm-boot check of one locked node: a git tree at its commit, a registry node's
+        files as unpacked from its archive (neither asks a remote)."""
+        dest = self.inputs.custom_nodes_dir / name
+        if node.source == REGISTRY:
+            pin = locked_pin(node)
+            return partial(registry_intact, dest, pin) if pin else lambda: False
+        return partial(checkout_intact, dest, node.commit)
+
     def _warm_ok(self, lock: Lock) -> bool:
         """Every tree at its locked commit and clean, every node fine, the environment as locked."""
         if any(n.status == NodeStatus.FAILED for n in lock.nodes.values()):
             return False
-        checks = [(self.inputs.install_path, lock.comfyui.commit)] + [
-            (self.inputs.custom_nodes_dir / name, node.commit)
+        checks = [partial(checkout_intact, self.inputs.install_path, lock.comfyui.commit)] + [
+            self._intact(name, node)
             for name, node in lock.nodes.items()
             if node.enabled and node.skipped_reason is None
         ]
         with ThreadPoolExecutor(self.inputs.workers) as pool:
-            intact = list(pool.map(lambda c: checkout_intact(*c), checks))
+            intact = list(pool.map(lambda check: check(), checks))
         if not all(intact):
             return False
         try:
@@ -263,7 +322,7 @@ class Installer:
         self._on_step(
             "custom nodes",
             StepStatus.SKIPPED,
-            f"skipped: {count} node(s) at their locked commits",
+            f"skipped: {count} node(s) at their locked commits or registry versions",
             None,
             0.0,
         )
@@ -277,6 +336,8 @@ class Installer:
         for name, node in lock.nodes.items():
             outcome = self._outcomes[name]
             outcome.commit = node.commit
+            if node.source == REGISTRY:
+                outcome.url, outcome.version, outcome.sha256 = node.url, node.version, node.sha256
             if node.skipped_reason:
                 outcome.status, outcome.error = NodeStatus.SKIPPED, node.skipped_reason
         return InstallReport(lock.comfyui.commit, list(self._outcomes.values()), warm=True)
@@ -299,7 +360,7 @@ class Installer:
             return lock_repo.commit
         return resolve_ref(url, ref, what, options)
 
-    def _checkouts(self, lock: Lock | None) -> tuple[CheckoutResult, dict[str, CheckoutResult]]:
+    def _checkouts(self, lock: Lock | None) -> tuple[CheckoutResult, dict[str, NodeResult]]:
         """ComfyUI and every enabled node, in parallel; a node's failure is that node's."""
         inputs = self.inputs
         # ComfyUI first: the nodes are cloned inside its tree.
@@ -332,8 +393,11 @@ class Installer:
             )
         return main, {k: v for k, v in results.items() if v is not None}
 
-    def _node_checkout(self, lock: Lock | None, spec: CustomNodeSpec) -> CheckoutResult | None:
-        """The node's checkout; None (and the node failed) when it cannot be had."""
+    def _node_checkout(self, lock: Lock | None, spec: CustomNodeSpec) -> NodeResult | None:
+        """The node's checkout (or registry archive); None (and the node failed) when it cannot
+        be had."""
+        if spec.kind == REGISTRY:
+            return self._registry_node(lock, spec)
         what = f"custom node {spec.name}"
         locked = lock.nodes.get(spec.name) if lock else None
         options = self.inputs.git_options(self.inputs.node_auth.get(spec.name))
@@ -353,6 +417,49 @@ class Installer:
             self._fail_node(spec.name, str(exc))
             return None
         self._outcomes[spec.name].commit = result.commit
+        return result
+
+    def _registry_node(self, lock: Lock | None, spec: CustomNodeSpec) -> RegistryResult | None:
+        """A Comfy Registry node: kept as locked while its entry is unchanged and its files are
+        intact (no request), else resolved, downloaded and unpacked; None when it failed."""
+        locked = lock.nodes.get(spec.name) if lock else None
+        pin = locked_pin(locked) if locked else None
+        if pin is not None and (
+            pin.registry_id != spec.registry_id
+            or locked is None
+            or locked.ref != spec.ref
+            or pin.registry_url != self.inputs.registry_url
+        ):
+            pin = None  # another id, version or registry: resolved anew
+        assert spec.registry_id is not None
+        job = RegistryJob(
+            name=spec.name,
+            registry_id=spec.registry_id,
+            requested=spec.requested_version,
+            dest=self.inputs.custom_nodes_dir / spec.name,
+            registry_url=self.inputs.registry_url,
+            locked=pin,
+            options=self.inputs.registry_options,
+            max_bytes=self.inputs.max_unpacked_bytes,
+            replaceable=locked is not None,
+        )
+        step_name = f"fetch {spec.name}"
+        if pin is not None:
+            self._pins[spec.name] = pin  # kept even if this attempt fails
+        try:
+            with self._step(step_name) as step:
+                result = install_node(
+                    job, lambda detail: self._on_step(step_name, StepStatus.RUNNING, detail,
+                                                      None, None)
+                )
+                step.finish(result.detail, result.action == "skipped")
+        except InstallError as exc:
+            self._fail_node(spec.name, str(exc))
+            return None
+        self._pins[spec.name] = result.pin
+        outcome = self._outcomes[spec.name]
+        outcome.url, outcome.version = result.pin.download_url, result.pin.version
+        outcome.sha256 = result.pin.sha256
         return result
 
     def _checkout(
@@ -520,15 +627,21 @@ class Installer:
             return ScriptStatus.NONE
         return ScriptStatus.FAILED if name in self._failed_scripts else ScriptStatus.OK
 
-    def _install_scripts(self, lock: Lock | None, results: dict[str, CheckoutResult]) -> None:
-        """Each node's install.py, after the requirements, if its commit is new or it failed."""
+    def _install_scripts(self, lock: Lock | None, results: dict[str, NodeResult]) -> None:
+        """Each node's install.py, after the requirements, if its commit (or registry archive)
+        is new or it failed."""
         for name, result in results.items():
             outcome = self._outcomes[name]
             script = self.inputs.custom_nodes_dir / name / "install.py"
             locked = lock.nodes.get(name) if lock else None
             if outcome.status != NodeStatus.OK or not script.exists():
                 continue
-            if locked and locked.commit == result.commit and locked.install_py == ScriptStatus.OK:
+            same = (
+                locked is not None and locked.sha256 == result.pin.sha256
+                if isinstance(result, RegistryResult)
+                else locked is not None and locked.commit == result.commit
+            )
+            if locked and same and locked.install_py == ScriptStatus.OK:
                 continue
             try:
                 with self._step(f"install.py {name}") as step:

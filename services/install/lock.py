@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 LOCK_VERSION = 1
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SOURCES = ("git", "registry")
 
 
 class LockFormatError(ValueError):
@@ -45,11 +47,20 @@ class LockedNode(LockedRepo):
     install_py: ScriptStatus = ScriptStatus.NONE
     skipped_reason: str | None = None  # disabled by on_conflict = "skip-node"
     status: NodeStatus = NodeStatus.OK  # a failed node is retried
+    # A Comfy Registry node: source "registry", url the archive's (without credentials or
+    # query), ref the version asked for ("latest" when none), commit "" and the pin here.
+    source: str = "git"
+    registry_id: str | None = None
+    version: str | None = None  # the version installed
+    sha256: str | None = None  # of its archive: a re-download must match it
+    registry_url: str | None = None  # COMFY_REGISTRY_URL it was resolved at
 
     def __post_init__(self) -> None:
         # Read back from JSON as plain strings; an unknown value makes the lock unreadable.
         self.install_py = ScriptStatus(self.install_py)
         self.status = NodeStatus(self.status)
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown source {self.source!r}")
 
 
 @dataclass
@@ -112,8 +123,11 @@ def _repo(cls: type[LockedRepo], value: object, what: str) -> Any:
         _expect(data.get(key), str, f"{what}.{key}")
     if "enabled" in data:
         _expect(data["enabled"], bool, f"{what}.enabled")
-    if data.get("skipped_reason") is not None:
-        _expect(data["skipped_reason"], str, f"{what}.skipped_reason")
+    for key in ("skipped_reason", "source", "registry_id", "version", "sha256", "registry_url"):
+        if data.get(key) is not None:
+            _expect(data[key], str, f"{what}.{key}")
+    if data.get("sha256") is not None and not SHA256.match(data["sha256"]):
+        raise LockFormatError(f"{what}.sha256 is not a sha256")
     commit = data["commit"]
     if not COMMIT.match(commit) and not (cls is LockedNode and commit == ""):
         raise LockFormatError(f"{what}.commit is not a commit id")

@@ -26,7 +26,7 @@ import aiohttp
 
 from config.errors import DiskFullError
 from config.models import ModelSpec, public_url
-from services.models.errors import ModelError, TransientError
+from services.models.errors import ChecksumMismatch, ModelError, TransientError
 from services.models.paths import part_meta_path, part_path
 from services.models.record import read_json
 
@@ -178,9 +178,11 @@ def _finish(spec: ModelSpec, part: Path, dest: Path, size: int, digest: str) -> 
         problems.append(f"sha256: expected {spec.sha256}, got {digest}")
     if problems:
         _remove(part, part_meta_path(dest))
-        raise ModelError(
+        raise ChecksumMismatch(
             f"{spec.name}: {'; '.join(problems)} (from {public_url(spec.url)}); the file was "
-            "removed. Check the manifest's size/sha256 or the URL"
+            "removed. Check the manifest's size/sha256 or the URL",
+            spec.sha256 if spec.sha256 != digest else None,
+            digest,
         )
     os.replace(part, dest)
     _remove(part_meta_path(dest))

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import shlex
 
-from services.plan import EVENT_LISTENER, INSTANCE_GROUP, InstancePlan, NodePlan
+from services.plan import EVENT_LISTENER, INSTANCE_GROUP, InstancePlan, NodePlan, ProxyPlan
+
+# supervisord stops lower priorities last: the proxy stops after the instances, when their
+# websockets are closed already, so Caddy has nothing left to wait its grace period for.
+PROXY_PRIORITY = 500
+# Caddy finishes requests for up to 2 s on SIGTERM (its grace period), then exits.
+PROXY_STOP_TIMEOUT = 5
 
 
 def _escape(value: str) -> str:
@@ -50,6 +56,34 @@ def _program(plan: NodePlan, inst: InstancePlan) -> str:
             "killasgroup=true",
             "redirect_stderr=true",
             f"stdout_logfile={_escape(str(inst.log_path))}",
+            f"stdout_logfile_maxbytes={policy.log_max_bytes}",
+            f"stdout_logfile_backups={policy.log_backups}",
+            "",
+        ]
+    )
+
+
+def _proxy_program(plan: NodePlan, proxy: ProxyPlan) -> str:
+    policy = plan.policy
+    return "\n".join(
+        [
+            f"[program:{proxy.name}]",
+            # The config file's path only: the access token is in the file (0600), never here.
+            f"command={_command(proxy.argv)}",
+            f"directory={_escape(str(plan.run_dir))}",
+            f"environment={_environment(proxy.env)}",
+            # The agent starts it once its public ports are known to be free.
+            "autostart=false",
+            "autorestart=true",
+            "startsecs=1",
+            f"startretries={policy.start_retries}",
+            "stopsignal=TERM",
+            f"stopwaitsecs={PROXY_STOP_TIMEOUT}",
+            "stopasgroup=true",
+            "killasgroup=true",
+            f"priority={PROXY_PRIORITY}",
+            "redirect_stderr=true",
+            f"stdout_logfile={_escape(str(proxy.log_path))}",
             f"stdout_logfile_maxbytes={policy.log_max_bytes}",
             f"stdout_logfile_backups={policy.log_backups}",
             "",
@@ -112,4 +146,6 @@ def render_conf(plan: NodePlan) -> str:
     if plan.instances:
         names = ",".join(inst.name for inst in plan.instances)
         programs += [f"[group:{INSTANCE_GROUP}]", f"programs={names}", ""]
+    if plan.proxy is not None:
+        programs.append(_proxy_program(plan, plan.proxy))
     return "\n".join(sections + programs)

@@ -1,14 +1,16 @@
 """Health checks are pure: a state in, an HTTP status and a body with reasons out."""
 
+from dataclasses import replace
 from pathlib import Path
 
 from health import checks
-from services.plan import InstancePlan
+from services.plan import InstancePlan, ProxyPlan, ProxyRoute
 from services.state import (
     InstanceState,
     MachineState,
     Phase,
     ProbeResult,
+    ProxyState,
     SmokeResult,
     SmokeStatus,
     StepStatus,
@@ -353,3 +355,96 @@ def test_a_full_workspace_degrades_a_serving_node_and_says_so() -> None:
     # While booting the reason is given too.
     state.phase, state.workspace_full = Phase.INSTALLING, True
     assert any("workspace disk full" in r for r in checks.node_report(state, NOW)[1]["reasons"])
+
+
+def behind_proxy(*insts: InstanceState) -> tuple[MachineState, ProxyState]:
+    """A node whose instances are served through the proxy, which serves (pid 300)."""
+    proxy_plan = ProxyPlan(
+        name="comfyui-proxy", binary="caddy", config_path=Path("/ws/run/caddy.json"),
+        home=Path("/ws/run/caddy"), listen="0.0.0.0",
+        routes=tuple(ProxyRoute(i.plan.gpu, 8188 + i.plan.gpu, f"127.0.0.1:{18188 + i.plan.gpu}")
+                     for i in insts),
+        log_path=Path("/ws/logs/comfyui-proxy.log"),
+    )
+    proxy = ProxyState(plan=proxy_plan, process_state=ProcessState.RUNNING, pid=300,
+                       checked_pid=300)
+    for inst in insts:
+        inst.plan = replace(inst.plan, public_port=8188 + inst.plan.gpu,
+                            public_url=f"http://127.0.0.1:{8188 + inst.plan.gpu}")
+        inst.proxy = proxy
+        assert inst.pid is not None
+        inst.public_smoke = SmokeResult(inst.pid, SmokeStatus.PASSED, NOW - 1, 0.01)
+    state = node(*insts)
+    state.proxy = proxy
+    return state, proxy
+
+
+def test_behind_the_proxy_ready_needs_it_serving_and_the_smoke_through_it() -> None:
+    state, proxy = behind_proxy(make_ready(instance(0)))
+    code, body = checks.node_report(state, NOW)
+    assert code == 200 and body["status"] == "ready", body["reasons"]
+    entry = body["instances"][0]
+    assert entry["public_url"] == "http://127.0.0.1:8188" and entry["public_port"] == 8188
+    assert entry["public_smoke"]["status"] == "passed"
+    assert body["proxy"]["serving"] is True and body["proxy"]["ports"] == [8188]
+    # Killed: not ready at once, the reason names the proxy and the closed public port.
+    proxy.pid_exited = True
+    code, body = checks.node_report(state, NOW)
+    assert code == 503 and body["instances"][0]["ready"] is False
+    (reason,) = body["instances"][0]["reasons"]
+    assert reason.startswith("comfyui-gpu0 is not reachable at http://127.0.0.1:8188: "
+                             "comfyui-proxy (Caddy, pid 300) exited")
+    assert body["proxy"]["serving"] is False and body["proxy"]["reasons"]
+    # Restarted: a new process must answer its check first; the instance's smoke through the
+    # proxy still counts (once per instance process).
+    proxy.pid, proxy.pid_exited = 301, False
+    _, body = checks.node_report(state, NOW)
+    assert "waiting for its public ports to answer" in body["instances"][0]["reasons"][0]
+    proxy.checked_pid = 301
+    assert checks.node_report(state, NOW)[0] == 200
+
+
+def test_behind_the_proxy_a_new_instance_process_runs_the_smoke_through_it_again() -> None:
+    inst = make_ready(instance(0))
+    state, _ = behind_proxy(inst)
+    make_ready(inst, pid=101)  # restarted: passed its own smoke, not the one through the proxy
+    _, body = checks.node_report(state, NOW)
+    assert body["instances"][0]["reasons"] == [
+        "comfyui-gpu0 is running its smoke prompt through the proxy (http://127.0.0.1:8188)"
+    ]
+    inst.public_smoke = SmokeResult(101, SmokeStatus.FAILED, NOW - 1, 0.01, error="HTTP 502")
+    _, body = checks.node_report(state, NOW)
+    entry = body["instances"][0]
+    assert entry["status"] == "failed"
+    assert entry["reasons"][0].startswith(
+        "comfyui-gpu0 failed its smoke prompt through the proxy (http://127.0.0.1:8188): HTTP 502"
+    )
+
+
+def test_proxy_reasons_join_the_instance_own_and_fatal_fails_it() -> None:
+    down = instance(1)
+    down.process_state, down.pid, down.pid_exited = ProcessState.EXITED, 200, True
+    state, proxy = behind_proxy(make_ready(instance(0)), down)
+    proxy.process_state, proxy.pid_exited = ProcessState.FATAL, True
+    proxy.spawn_error, proxy.next_start_at = "Exited too quickly", NOW + 30
+    code, body = checks.node_report(state, NOW)
+    assert code == 503 and body["status"] == "failed"
+    first, second = body["instances"]
+    assert first["status"] == "failed"
+    assert "comfyui-proxy (Caddy) is FATAL: it kept failing to start (Exited too quickly)" in (
+        first["reasons"][0])
+    assert "the agent starts it again in 30 s" in first["reasons"][0]
+    assert second["reasons"][0].startswith("comfyui-gpu1 (pid 200) exited")
+    assert any("comfyui-proxy (Caddy) is FATAL" in r for r in second["reasons"][1:])
+
+
+def test_a_taken_public_port_is_the_reason() -> None:
+    state, proxy = behind_proxy(make_ready(instance(0)))
+    proxy.process_state, proxy.pid, proxy.checked_pid = ProcessState.STOPPED, None, None
+    proxy.blocked_reason = "comfyui-proxy (Caddy) not started: public port 8188 on 0.0.0.0 is taken"
+    _, body = checks.node_report(state, NOW)
+    assert body["instances"][0]["reasons"] == [
+        "comfyui-gpu0 is not reachable at http://127.0.0.1:8188: comfyui-proxy (Caddy) not "
+        "started: public port 8188 on 0.0.0.0 is taken"
+    ]
+    assert body["instances"][0]["status"] == "failed"

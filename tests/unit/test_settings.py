@@ -224,10 +224,63 @@ def test_git_bounds_and_the_secrets_instances_do_not_inherit(tmp_path: Path) -> 
                        "INSTANCE_PASS_ENV": "HF_TOKEN, OTHER"})
     assert (s.git_timeout, s.git_retries, s.instance_pass_env) == (2.0, 0, ["HF_TOKEN", "OTHER"])
     assert instance_withheld_env(s) == {
-        "NODE_TOKEN", "COMFYUI_REPO", "COMFYUI_CUSTOM_NODES", "MACHINE_HEALTH_TOKEN"
+        "NODE_TOKEN", "COMFYUI_REPO", "COMFYUI_CUSTOM_NODES", "MACHINE_HEALTH_TOKEN",
+        "COMFYUI_ACCESS_TOKEN",
     }
     bad = problems({"INSTANCE_PASS_ENV": "1BAD,OK", "GIT_TIMEOUT": "0", "GIT_RETRIES": "-1"})
     assert any(p.startswith("INSTANCE_PASS_ENV='1BAD,OK': not environment variable names: 1BAD")
                for p in bad), bad
     assert any(p.startswith("GIT_TIMEOUT='0'") for p in bad), bad
     assert any(p.startswith("GIT_RETRIES='-1'") for p in bad), bad
+
+
+ACCESS_TOKEN = "a" * 20 + "-._~"
+
+
+def test_proxy_needs_a_long_url_safe_token_never_shown() -> None:
+    s = load_settings({"COMFYUI_EXPOSE": "proxy", "COMFYUI_ACCESS_TOKEN": ACCESS_TOKEN})
+    assert s.comfyui_expose == "proxy" and s.comfyui_internal_port_start == 18188
+    assert s.comfyui_public_listen == "0.0.0.0"
+    assert ACCESS_TOKEN not in repr(s) and ACCESS_TOKEN not in str(s.model_dump())
+    assert load_settings({}).comfyui_expose == "none"
+    (line,) = problems({"COMFYUI_EXPOSE": "proxy"})
+    assert line.startswith("COMFYUI_ACCESS_TOKEN=unset: required with COMFYUI_EXPOSE=proxy")
+    for bad, why in (("s3cret" * 3, "too short (18 characters)"),
+                     ("a" * 30 + "/", "contains characters other than A-Z a-z 0-9 - . _ ~"),
+                     ("a" * 30 + " b", "contains characters other than")):
+        (line,) = problems({"COMFYUI_EXPOSE": "proxy", "COMFYUI_ACCESS_TOKEN": bad})
+        assert line.startswith("COMFYUI_ACCESS_TOKEN='***': " + why), line
+        assert bad not in line
+    (line,) = problems({"COMFYUI_EXPOSE": "bogus"})
+    assert line.startswith("COMFYUI_EXPOSE='bogus'") and "'none' or 'proxy'" in line
+    (line,) = problems({"COMFYUI_PUBLIC_LISTEN": "everywhere"})
+    assert line.startswith("COMFYUI_PUBLIC_LISTEN='everywhere': not an IP address")
+
+
+def test_tls_files_come_as_a_readable_pair_and_only_with_the_proxy(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("c")
+    key.write_text("k")
+    proxy = {"COMFYUI_EXPOSE": "proxy", "COMFYUI_ACCESS_TOKEN": ACCESS_TOKEN}
+    s = load_settings({**proxy, "COMFYUI_TLS_CERT": str(cert), "COMFYUI_TLS_KEY": str(key)})
+    assert (s.comfyui_tls_cert, s.comfyui_tls_key) == (cert, key)
+    (line,) = problems({**proxy, "COMFYUI_TLS_CERT": str(cert)})
+    assert line.startswith(f"COMFYUI_TLS_CERT='{cert}': COMFYUI_TLS_CERT and COMFYUI_TLS_KEY")
+    (line,) = problems({**proxy, "COMFYUI_TLS_CERT": str(cert),
+                        "COMFYUI_TLS_KEY": str(tmp_path / "missing.pem")})
+    assert line.startswith("COMFYUI_TLS_KEY=") and "not a readable file" in line
+    bad = problems({"COMFYUI_TLS_CERT": str(cert), "COMFYUI_TLS_KEY": str(key)})
+    assert len(bad) == 2 and all("set COMFYUI_EXPOSE=proxy" in p for p in bad), bad
+
+
+def test_internal_ports_checked_against_public_and_health_ports() -> None:
+    proxy = {"COMFYUI_EXPOSE": "proxy", "COMFYUI_ACCESS_TOKEN": ACCESS_TOKEN, "NUM_GPUS": "2",
+             "COMFYUI_CPU_ONLY": "true"}
+    (line,) = problems({**proxy, "COMFYUI_INTERNAL_PORT_START": "9187"})
+    assert line.startswith("COMFYUI_INTERNAL_PORT_START=9187: internal ports 9187-9188 overlap")
+    assert "MACHINE_HEALTH_PORT=9188 at 9188" in line
+    (line,) = problems({**proxy, "COMFYUI_INTERNAL_PORT_START": "65535"})
+    assert "past 65535; use a start <= 65534" in line
+    # Without the proxy the internal ports are not used, so not checked.
+    load_settings({"NUM_GPUS": "2", "COMFYUI_CPU_ONLY": "true",
+                   "COMFYUI_INTERNAL_PORT_START": "8188"})
