@@ -61,13 +61,14 @@ RUN uv venv --seed --python 3.11 /opt/comfyui-venv \
     && UV_EXCLUDE_NEWER=${RESOLVE_AS_OF} uv pip install --python /opt/comfyui-venv/bin/python \
         -r /tmp/comfyui-requirements.txt requests ${TORCH_PACKAGES}
 
-# The agent image: CUDA runtime base, Python 3.11, comfy-machine, tini, the comfy user.
+# The agent image: CUDA runtime base, Python 3.11, comfy-machine, tini, Caddy, the comfy user.
 FROM ${CUDA_IMAGE} AS agent
 # Versions come with the base image's Ubuntu release; pinning them would break every rebuild
-# after a security update.
+# after a security update. caddy: the authenticating proxy of COMFYUI_EXPOSE=proxy (run by the
+# agent under supervisord, never as a system service).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates git tini \
+    && apt-get install -y --no-install-recommends ca-certificates caddy git tini \
     && rm -rf /var/lib/apt/lists/*
 # Ubuntu 24.04 images come with a user `ubuntu` holding UID 1000: comfy takes that UID, the
 # one most volumes and hosts expect of a first user.

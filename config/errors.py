@@ -40,7 +40,14 @@ class GpuError(MachineError):
 
 
 class InstallError(MachineError):
-    """Installing ComfyUI or a custom node failed."""
+    """Installing ComfyUI or a custom node failed. ``transient``: a network failure (clone,
+    fetch, a registry download) that outlived its own retries; the boot retries the install
+    phase for it (INSTALL_RETRIES). Permanent (the default): a missing ref, a conflict, a bad
+    requirement, which no retry fixes."""
+
+    def __init__(self, message: str = "", transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class DiskFullError(MachineError):

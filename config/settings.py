@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     git_retries: int = Field(
         2, ge=0, le=10, description="retries of a git command that failed transiently, 0-10"
     )
+    install_retries: int = Field(
+        3, ge=0, le=10,
+        description="retries of the whole install phase after a transient (network) failure, "
+        "with backoff, 0-10; a permanent failure is not retried",
+    )
     instance_pass_env: list[str] = Field(
         default_factory=list,
         description="names of secret environment variables (auth_env of custom nodes and "
@@ -210,6 +215,11 @@ class Settings(BaseSettings):
     )
     instance_stop_timeout: int = Field(
         5, ge=1, le=60, description="seconds between SIGINT and the group kill on stop"
+    )
+    drain_timeout: float = Field(
+        300.0, ge=0, le=86400,
+        description="seconds a SIGTERM waits for running and queued prompts to finish before "
+        "the instances are stopped, >= 0 and <= 86400 (0: stop at once)",
     )
     instance_log_max_bytes: int = Field(
         50 * 1024 * 1024, ge=0, description="bytes per instance log file before rotation"

@@ -126,9 +126,12 @@ def _queue_depth(inst: InstanceState) -> int:
     return (inst.queue_pending or 0) + (inst.queue_running or 0)
 
 
-def instance_accepting(inst: InstanceState, max_queue_depth: int | None) -> bool:
-    """Ready and its queue is below ``max_queue_depth`` (if set)."""
-    if not instance_ready(inst):
+def instance_accepting(
+    inst: InstanceState, max_queue_depth: int | None, node_draining: bool = False
+) -> bool:
+    """Ready, not draining (the node after SIGTERM, or this instance by an operator), and its
+    queue is below ``max_queue_depth`` (if set)."""
+    if node_draining or inst.draining or not instance_ready(inst):
         return False
     return max_queue_depth is None or _queue_depth(inst) < max_queue_depth
 
@@ -271,16 +274,30 @@ def proxy_body(proxy: ProxyState | None, now: float) -> dict[str, Any] | None:
     }
 
 
-def instance_body(inst: InstanceState, max_queue_depth: int | None, now: float) -> dict[str, Any]:
+def drain_words(inst: InstanceState, node_draining: bool) -> str:
+    """Why a draining instance takes no new work, with what it still has to finish."""
+    who = "the node is stopping (SIGTERM)" if node_draining else "an operator drained it"
+    left = f"{inst.queue_running or 0} running, {inst.queue_pending or 0} queued"
+    return (f"{inst.plan.name} is draining: {who}; not accepting new work, the prompts it has "
+            f"finish ({left}); pick another instance")
+
+
+def instance_body(
+    inst: InstanceState, max_queue_depth: int | None, now: float, node_draining: bool = False
+) -> dict[str, Any]:
     """The per-instance entry workers and routers read."""
     ready = instance_ready(inst)
-    accepting = instance_accepting(inst, max_queue_depth)
+    accepting = instance_accepting(inst, max_queue_depth, node_draining)
     reasons = [] if ready else _not_ready_reasons(inst, now)
     if not ready and inst.proxy is not None and not inst.proxy.serving:
         # The instance's own trouble first; that its public port is closed, too.
         reasons += [r for r in _public_path_reasons(inst, now) if r not in reasons]
     status = instance_status(inst)
-    if ready and not accepting:
+    draining = node_draining or inst.draining
+    if draining:
+        status = "draining"
+        reasons.insert(0, drain_words(inst, node_draining))
+    elif ready and not accepting:
         status = "degraded"
         reasons.append(
             f"{inst.plan.name} queue depth {_queue_depth(inst)} reached max_queue_depth="
@@ -302,6 +319,7 @@ def instance_body(inst: InstanceState, max_queue_depth: int | None, now: float) 
         "state": inst.process_state.name,
         "ready": ready,
         "accepting": accepting,
+        "draining": draining,
         "pid": inst.pid,
         "restarts": inst.restarts,
         "started_at": inst.started_at,
@@ -342,6 +360,9 @@ def _boot_reasons(state: MachineState) -> list[str]:
     step = f": {', '.join(s.name for s in running)}" if running else ""
     if state.phase is Phase.DOWNLOADING:
         step = _download_progress(state)
+    if state.phase is Phase.INSTALLING and state.install_next_attempt_at is not None:
+        step += (f"; attempt {state.install_attempts} failed on the network "
+                 f"({state.install_retry_error}), retrying (INSTALL_RETRIES)")
     return [f"the node is booting, phase {state.phase.value}{step}; wait with ?wait=SECONDS"]
 
 
@@ -399,7 +420,8 @@ def _body(status: str, phase: Phase | str, reasons: list[str], **extra: Any) -> 
 def node_report(state: MachineState, now: float) -> Report:
     """/health/comfyui: ready and degraded are 200 (some instance can take work), else 503."""
     instances = [
-        instance_body(i, state.max_queue_depth, now) for _, i in sorted(state.instances.items())
+        instance_body(i, state.max_queue_depth, now, state.draining)
+        for _, i in sorted(state.instances.items())
     ]
     final = final_reason(state)
     summary = {
@@ -415,6 +437,17 @@ def node_report(state: MachineState, now: float) -> Report:
         reason = state.error or "the boot failed"
         step = f" (step {state.failed_step})" if state.failed_step else ""
         return 503, _body("failed", Phase.FAILED, [reason + step], **summary)
+    if state.draining and state.phase is not Phase.STOPPING:
+        left = sum((i["queue_running"] or 0) + (i["queue_pending"] or 0) for i in instances)
+        return 503, _body(
+            "draining",
+            Phase.STOPPING,
+            [f"the node is draining (SIGTERM): it accepts no new work and waits for {left} "
+             "running and queued prompt(s) to finish, then stops its instances"],
+            draining=True,
+            drain_deadline=state.drain_deadline,
+            **summary,
+        )
     if state.phase is Phase.STOPPING:
         return 503, _body(
             "failed",
@@ -440,7 +473,7 @@ def node_report(state: MachineState, now: float) -> Report:
     reasons = (
         disk + required_failed + optional_failed + [r for i in instances for r in i["reasons"]]
     )
-    ready = summary["ready_instances"]
+    ready = sum(1 for i in instances if i["ready"] and not i["draining"])
     if required_failed:
         return 503, _body("failed", Phase.FAILED, reasons, **summary)
     if ready == len(instances) and not optional_failed and not disk:
@@ -449,6 +482,8 @@ def node_report(state: MachineState, now: float) -> Report:
         return 200, _body("degraded", Phase.DEGRADED, reasons, **summary)
     if all(i["status"] == "failed" for i in instances):
         return 503, _body("failed", Phase.FAILED, reasons, **summary)
+    if any(i["draining"] and i["ready"] for i in instances):
+        return 503, _body("draining", Phase.DEGRADED, reasons, **summary)
     return 503, _body("starting", Phase.STARTING, reasons, **summary)
 
 
@@ -524,7 +559,7 @@ def instance_report(state: MachineState, gpu: int, now: float) -> Report | None:
     inst = state.instances.get(gpu)
     if inst is None:
         return None
-    body = instance_body(inst, state.max_queue_depth, now)
+    body = instance_body(inst, state.max_queue_depth, now, state.draining)
     body["nvml"] = gpu_body(state, inst.plan.gpu_uuid)
     final = final_reason(state, gpu)
     body["final"], body["final_reason"] = final is not None, final
@@ -559,6 +594,7 @@ def installation_report(state: MachineState, now: float) -> Report:
             "status": n.status,
             "error": n.error,
             "import_checked": n.import_checked,
+            "transient": n.transient,  # failed on the network (retried with INSTALL_RETRIES)
             "source": n.source,  # "git" or "registry" (Comfy Registry: id, version, sha256)
             "id": n.registry_id,
             "version": n.version,
@@ -575,7 +611,15 @@ def installation_report(state: MachineState, now: float) -> Report:
         s for s in state.install_steps if s.status is StepStatus.FAILED and s.name not in node_steps
     ]
     reasons = [f"install step {s.name} failed: {s.error}" for s in failed]
-    extra = {"steps": steps, "custom_nodes": nodes}
+    extra = {
+        "steps": steps,
+        "custom_nodes": nodes,
+        # INSTALL_RETRIES: the install phase's attempt now (1: the first), and the transient
+        # failure that made the last retry with when the next attempt starts (null: none due).
+        "attempts": state.install_attempts,
+        "retry_error": state.install_retry_error,
+        "next_attempt_at": state.install_next_attempt_at,
+    }
     phase = reported_phase(state, now)
     if failed or required_failed:
         return 503, _body("failed", phase, reasons + required_failed + optional_failed, **extra)
@@ -602,3 +646,21 @@ def livez_report(state: MachineState, now: float) -> Report:
     if state.supervisor_expected and not state.supervisor_up:
         return 503, _body("failed", reported_phase(state, now), ["supervisord is not running"])
     return 200, _body("ready", reported_phase(state, now), [])
+
+
+# What /readyz keeps of /health/comfyui: the answer, why, and counts (the instance entries stay
+# on /health/comfyui), so the probe polled all day by every worker costs a few hundred bytes.
+READYZ_FIELDS = (
+    "status", "phase", "reasons", "ready_instances", "accepting", "final", "final_reason",
+    "draining", "drain_deadline",
+)
+
+
+def readyz_report(state: MachineState, now: float) -> Report:
+    """/readyz: /health/comfyui's status code, status, phase, reasons and counts, without the
+    instance entries; its progress_token is /health/comfyui's, so ?since= works the same."""
+    code, body = node_report(state, now)
+    small = {k: body[k] for k in READYZ_FIELDS if k in body}
+    small["instance_count"] = len(body["instances"])
+    small["progress_token"] = progress_token(body)
+    return code, small

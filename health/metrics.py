@@ -215,7 +215,8 @@ class MachineCollector(Collector):
             is_ready = checks.instance_ready(inst)
             ready.add_metric(key, _bool(is_ready))
             accepting.add_metric(
-                key, _bool(checks.instance_accepting(inst, self._state.max_queue_depth))
+                key, _bool(checks.instance_accepting(
+                    inst, self._state.max_queue_depth, self._state.draining))
             )
             restarts.add_metric(key, float(inst.restarts))
             if inst.started_at is not None:

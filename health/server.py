@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -19,7 +21,10 @@ from health import checks
 from health.limits import HealthLimits, HealthRunner
 from health.metrics import MachineCollector, Snapshot, process_collectors, registry_of
 from services.logfile import lines_after, tail_lines
+from services.operator import OperatorActions
 from services.state import MachineState, Phase
+
+log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 600.0
 # A fleet of workers reconnects at once after a restart: 128 pending connections overflow and
@@ -29,11 +34,17 @@ STATE_KEY = web.AppKey("state", MachineState)
 COLLECTOR_KEY = web.AppKey("collector", MachineCollector)
 PROCESS_COLLECTORS_KEY = web.AppKey("process_collectors", list[Collector])
 # MACHINE_HEALTH_TOKEN as bytes; None: the log route is closed.
+ANSWERS_KEY = web.AppKey("answers", "AnswerCache")
 LOG_TOKEN_KEY = web.AppKey("log_token", bytes | None)  # type: ignore[arg-type]
+# The operator actions (restart, drain, undrain, retest); None: the routes answer 409.
+ACTIONS_KEY = web.AppKey("actions", OperatorActions | None)  # type: ignore[arg-type]
 DEFAULT_TAIL_LINES = 100
 MAX_TAIL_LINES = 1000
 
 ReportFn = Callable[[MachineState, float], checks.Report]
+# How long a cached answer serves without a state change (AnswerCache).
+ANSWER_TTL_S = 0.5
+JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"}
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:
@@ -59,23 +70,68 @@ def _parse_wait(request: web.Request) -> float:
     return wait
 
 
-async def _answer(request: web.Request, report: ReportFn) -> web.Response:
+class Answer:
+    """One report, built once and serialized once: what waiters compare and the bytes sent."""
+
+    __slots__ = ("built", "code", "final", "payload", "ready", "token", "version")
+
+    def __init__(self, code: int, body: dict[str, Any], version: int, built: float) -> None:
+        self.code, self.version, self.built = code, version, built
+        self.ready = code == 200 and body["status"] == "ready"
+        self.final = bool(body.get("final"))
+        self.token: str = body["progress_token"]
+        self.payload = json.dumps(body).encode()
+
+
+class AnswerCache:
+    """Answers by route (and GPU), built when the state changed (MachineState.version) or the
+    answer is older than ANSWER_TTL_S, whichever comes first; every other request is served
+    the same bytes. The TTL bounds the fields that move with the clock alone (``uptime_s``,
+    ``eta_s``, download rates, "up 12s", "next start in 40 s") and the few writes that are
+    batched before a ``changed()`` (download progress); every change that makes an answer
+    different (a crash, a smoke result, a phase) calls ``changed()`` and shows at once."""
+
+    def __init__(self, state: MachineState) -> None:
+        self._state = state
+        self._answers: dict[object, Answer] = {}
+
+    def get(self, key: object, report: ReportFn) -> Answer:
+        state, now = self._state, time.monotonic()
+        answer = self._answers.get(key)
+        if answer is None or answer.version != state.version or now - answer.built > ANSWER_TTL_S:
+            code, body = report(state, time.time())
+            body.setdefault("progress_token", checks.progress_token(body))
+            answer = self._answers[key] = Answer(code, body, state.version, now)
+        return answer
+
+
+def _send(answer: Answer) -> web.Response:
+    return web.Response(body=answer.payload, status=answer.code, headers=JSON_HEADERS)
+
+
+async def _answer(request: web.Request, report: ReportFn, key: object = None) -> web.Response:
     """Answer now, or with ?wait= hold the request until the status is ``ready``, the answer
     is ``final`` (it cannot become ready without someone acting: checks.final_reason), its
     ``progress_token`` differs from ?since= (a waiter showing each change), or the wait ends. A
-    degraded node answers 200 but is not ready: a waiter keeps waiting."""
+    degraded node answers 200 but is not ready: a waiter keeps waiting. A waiter costs nothing
+    while it waits: it sleeps on the state's change event and, when woken, reads the answer
+    the first of them built."""
+    cache = request.app[ANSWERS_KEY]
+    key = report if key is None else key
+    if not request.query_string:  # the common case: a probe, answered from the cache
+        return _send(cache.get(key, report))
     state = request.app[STATE_KEY]
     deadline = time.monotonic() + _parse_wait(request)
     since = request.query.get("since")
     while True:
-        code, body = report(state, time.time())
-        body["progress_token"] = checks.progress_token(body)
+        answer = cache.get(key, report)
         remaining = deadline - time.monotonic()
-        # A stopping node will not become ready: release held requests so shutdown is prompt.
-        ready = code == 200 and body["status"] == "ready"
-        moved = since is not None and body["progress_token"] != since
-        if ready or body.get("final") or moved or remaining <= 0 or state.phase is Phase.STOPPING:
-            return _json(code, body)
+        # A stopping (or draining) node will not become ready: release held requests so
+        # shutdown is prompt.
+        moved = since is not None and answer.token != since
+        stopping = state.phase is Phase.STOPPING or state.draining
+        if answer.ready or answer.final or moved or remaining <= 0 or stopping:
+            return _send(answer)
         await state.wait_changed(remaining)
 
 
@@ -110,7 +166,7 @@ async def _instance(request: web.Request) -> web.Response:
         assert found is not None  # instances never disappear from a running node
         return found
 
-    return await _answer(request, report)
+    return await _answer(request, report, ("instance", gpu))
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -141,24 +197,53 @@ def _int_param(request: web.Request, name: str, low: int, high: int, default: in
     return value
 
 
-def _log_access(request: web.Request) -> web.Response | None:
-    """None when the request carries the log token; else the JSON 401 or 403 to answer.
+def _log_access(
+    request: web.Request, what: str = "instance logs", served: str = "served"
+) -> web.Response | None:
+    """None when the request carries MACHINE_HEALTH_TOKEN; else the JSON 401 or 403 to answer.
 
-    Logs can hold prompts, paths and custom-node output: they are served only to holders of
-    MACHINE_HEALTH_TOKEN, while every other health route stays open to probes."""
+    Logs can hold prompts, paths and custom-node output, and operator actions change what runs:
+    both are only for holders of MACHINE_HEALTH_TOKEN, while every other health route stays
+    open to probes."""
     token = request.app[LOG_TOKEN_KEY]
     if token is None:
-        return _error(403, "instance logs are not served: no MACHINE_HEALTH_TOKEN is set on this "
+        return _error(403, f"{what} are not {served}: no MACHINE_HEALTH_TOKEN is set on this "
                       "node; set it and send 'Authorization: Bearer <token>'")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         given.strip().encode("utf-8", "replace"), token
     ):
-        resp = _error(401, "instance logs need 'Authorization: Bearer <MACHINE_HEALTH_TOKEN>'; "
+        resp = _error(401, f"{what} need 'Authorization: Bearer <MACHINE_HEALTH_TOKEN>'; "
                       "the token is missing or wrong")
         resp.headers["WWW-Authenticate"] = 'Bearer realm="comfy-machine logs"'
         return resp
     return None
+
+
+def _operator_action(action: str) -> Callable[[web.Request], Any]:
+    """POST .../{gpu}/<action>: token-guarded (as the log route), logged with the client's
+    address (never the token), answered by services/operator.py in JSON."""
+
+    async def handler(request: web.Request) -> web.Response:
+        fields: dict[str, Any] = {"action": action, "gpu": request.match_info["gpu"],
+                                  "client": request.remote}
+        denied = _log_access(request, "operator actions", "allowed")
+        if denied is not None:
+            log.warning("operator action refused", extra={"fields": {
+                **fields, "status": denied.status}})
+            return denied
+        gpu = _instance_gpu(request)
+        if isinstance(gpu, web.Response):
+            return gpu
+        actions = request.app[ACTIONS_KEY]
+        if actions is None:
+            return _error(409, f"{action}: this health server has no node to act on")
+        code, body = await getattr(actions, action)(gpu)
+        log.info("operator action", extra={"fields": {
+            **fields, "status": code, "ok": body.get("ok"), "message": body.get("message")}})
+        return _json(code, body)
+
+    return handler
 
 
 async def _instance_log(request: web.Request) -> web.Response:
@@ -211,12 +296,16 @@ async def _json_errors(request: web.Request, handler: Callable[..., Any]) -> web
         return _error(exc.status, message, path=request.path)
 
 
-def create_app(state: MachineState, log_token: str | None = None) -> web.Application:
-    """The aiohttp application serving the health API from ``state``; the log route answers
-    only requests carrying ``log_token`` (none: it answers 403)."""
+def create_app(
+    state: MachineState, log_token: str | None = None, actions: OperatorActions | None = None
+) -> web.Application:
+    """The aiohttp application serving the health API from ``state``; the log route and the
+    operator actions answer only requests carrying ``log_token`` (none: they answer 403)."""
     app = web.Application(middlewares=[_json_errors])
     app[STATE_KEY] = state
+    app[ANSWERS_KEY] = AnswerCache(state)
     app[LOG_TOKEN_KEY] = log_token.encode() if log_token else None
+    app[ACTIONS_KEY] = actions
     app[COLLECTOR_KEY] = MachineCollector(state)
     app[PROCESS_COLLECTORS_KEY] = process_collectors()
     app.router.add_get("/health/comfyui", _route(checks.node_report))
@@ -226,9 +315,12 @@ def create_app(state: MachineState, log_token: str | None = None) -> web.Applica
     app.router.add_get("/health/comfyui/instances", _route(checks.node_report))
     app.router.add_get("/health/comfyui/instances/{gpu}", _instance)
     app.router.add_get("/health/comfyui/instances/{gpu}/log", _instance_log)
+    for action in ("restart", "drain", "undrain"):
+        app.router.add_post(f"/health/comfyui/instances/{{gpu}}/{action}", _operator_action(action))
+    app.router.add_post("/health/comfyui/gpus/{gpu}/retest", _operator_action("retest"))
     app.router.add_get("/health/comfyui/models", _route(checks.models_report))
     app.router.add_get("/livez", _route(checks.livez_report))
-    app.router.add_get("/readyz", _route(checks.node_report))
+    app.router.add_get("/readyz", _route(checks.readyz_report))
     app.router.add_get("/metrics", _metrics)
     return app
 
@@ -239,11 +331,12 @@ async def start_health_server(
     port: int,
     limits: HealthLimits | None = None,
     log_token: str | None = None,
+    actions: OperatorActions | None = None,
 ) -> HealthRunner:
     """Start serving under ``limits`` (timeouts, connection cap, head bounds: health/limits.py);
     the caller cleans up with ``await runner.cleanup()``."""
     runner = HealthRunner(
-        create_app(state, log_token), limits or HealthLimits(), shutdown_timeout=2.0
+        create_app(state, log_token, actions), limits or HealthLimits(), shutdown_timeout=2.0
     )
     await runner.setup()
     # The shutdown timeout is the runner's (aiohttp deprecates it on the site).

@@ -28,6 +28,7 @@ from health.limits import HealthLimits
 from health.server import start_health_server
 from services.backoff import policy_from as backoff_policy
 from services.disk import watch_workspace
+from services.drain import drain
 from services.fdlimit import raise_fd_limit
 from services.gpu.guard import prepare_gpus
 from services.gpu.interface import Nvml, list_gpus
@@ -43,6 +44,7 @@ from services.install.installer import (
 from services.instances import InstanceController
 from services.models.download import FetchOptions
 from services.models.step import fetch_background, models_step
+from services.operator import OperatorActions
 from services.plan import NodePlan, make_plan
 from services.probes import InstanceProber, ProbeSettings
 from services.process_group import run_blocking, wind_down
@@ -63,6 +65,9 @@ log = logging.getLogger(__name__)
 # At a stop: how long the groups the boot started (and new ones its retries start) are ended
 # before the agent exits anyway, and how long its exit may then take before it is forced.
 WIND_DOWN_S = DEFAULT_GRACE_S + 2.0
+# The install phase's retries after a transient failure (INSTALL_RETRIES): 5 s, doubling.
+INSTALL_BACKOFF_S = 5.0
+INSTALL_BACKOFF_MAX_S = 60.0
 EXIT_GRACE_S = 3.0
 
 
@@ -144,7 +149,36 @@ def _run_installer(installer: Installer, run_dir: Path) -> InstallReport:
 
 
 async def _install(settings: Settings, plan: NodePlan, state: MachineState) -> None:
+    """The install phase, retried with backoff (INSTALL_RETRIES) while what failed is
+    transient (a network failure that outlived git's or the registry's own retries: an
+    InstallError or a custom node marked ``transient``); a permanent failure stays at once."""
     state.set_phase(Phase.INSTALLING)
+    attempts = settings.install_retries + 1
+    for attempt in range(1, attempts + 1):
+        state.install_attempts = attempt
+        try:
+            await _install_once(settings, plan, state)
+        except InstallError as exc:
+            if not exc.transient or attempt == attempts:
+                raise
+            error = str(exc)
+        else:
+            failed = [n for n in state.custom_nodes.values()
+                      if n.status is NodeStatus.FAILED and n.transient]
+            if not failed or attempt == attempts:
+                return
+            error = "; ".join(f"custom node {n.name}: {n.error}" for n in failed)
+        delay = min(INSTALL_BACKOFF_S * 2 ** (attempt - 1), INSTALL_BACKOFF_MAX_S)
+        state.install_retry_error = error
+        state.install_next_attempt_at = time.time() + delay
+        state.changed()
+        log.warning("install retry", extra={"fields": {
+            "attempt": attempt, "of": attempts, "delay_s": delay, "error": error}})
+        await asyncio.sleep(delay)
+        state.install_next_attempt_at = None
+
+
+async def _install_once(settings: Settings, plan: NodePlan, state: MachineState) -> None:
     installer = Installer(install_inputs(settings), record_step(state))
     # Listed while installing; the installer's own records replace these when it is done.
     state.custom_nodes = {
@@ -191,17 +225,22 @@ async def run_node(
     plan: NodePlan,
     stop: asyncio.Event,
     on_ready: Callable[[], None] | None = None,
+    stop_now: asyncio.Event | None = None,
 ) -> int:
-    """Boot, serve and supervise until ``stop`` is set; then stop everything. Exit code."""
+    """Boot, serve and supervise until ``stop`` is set; then drain (no new work; running and
+    queued prompts finish, up to DRAIN_TIMEOUT, or until ``stop_now`` is set) and stop
+    everything. Exit code."""
+    stop_now = stop_now if stop_now is not None else asyncio.Event()
     state = MachineState(max_queue_depth=settings.max_queue_depth)
     state.proxy = ProxyState(plan=plan.proxy) if plan.proxy is not None else None
     state.instances = {i.gpu: InstanceState(plan=i, proxy=state.proxy) for i in plan.instances}
     limits = health_limits(settings)
     token = settings.machine_health_token
+    actions = OperatorActions(settings, plan, state)  # the controller joins once it runs
     try:
         runner = await start_health_server(
             state, plan.health_listen, plan.health_port, limits,
-            token.get_secret_value() if token else None,
+            token.get_secret_value() if token else None, actions,
         )
     except OSError as exc:
         raise MachineError(
@@ -230,8 +269,11 @@ async def run_node(
         if on_ready is not None and controller is not None:
             tasks.append(asyncio.create_task(_notify_when_ready(state, on_ready), name="ready"))
         if controller is not None:
+            actions.controller = controller
             tasks.append(asyncio.create_task(controller.run(), name="reconcile"))
             code = await _supervise(tasks, stop_wait, state)
+            if code == 0 and not stop_now.is_set():
+                await drain(state, settings.drain_timeout, stop_now, settings.probe_timeout)
         else:
             await stop_wait  # failed boot: keep health up so operators can read why
         stop_wait.cancel()

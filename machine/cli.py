@@ -36,12 +36,17 @@ def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | No
     from machine.boot import exit_if_stuck, run_node
 
     async def main() -> int:
-        stop = asyncio.Event()
+        stop, stop_now = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        # Handlers only set the flag; the shutdown itself runs in run_node under deadlines.
+
+        # Handlers only set a flag; the shutdown itself runs in run_node under deadlines. The
+        # first SIGTERM/SIGINT drains (running prompts finish), a second one stops at once.
+        def on_signal() -> None:
+            (stop_now if stop.is_set() else stop).set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        code = await run_node(settings, plan, stop, on_ready)
+            loop.add_signal_handler(sig, on_signal)
+        code = await run_node(settings, plan, stop, on_ready, stop_now)
         # Stopped: a thread still blocked (say in a download) must not keep the agent alive.
         exit_if_stuck(code)
         return code
@@ -99,6 +104,9 @@ def _demo(args: argparse.Namespace, workspace: Path) -> int:
             print(
                 f"  gpu {inst.gpu}:     {inst.url}   ({inst.name}, log {inst.log_path})", flush=True
             )
+            if inst.public_url:
+                print(f"      public: {inst.public_url}   (the proxy: the access token needed)",
+                      flush=True)
         print("Stop with Ctrl-C.", flush=True)
 
     print(f"Booting the demo node in {workspace} (health on {health}) ...", flush=True)
@@ -129,6 +137,11 @@ def cmd_install(args: argparse.Namespace) -> int:
 def cmd_gpu_test(args: argparse.Namespace) -> int:
     from machine.gpu_test_cmd import run_gpu_test
 
+    if args.lift:
+        if args.gpu is None:
+            print("comfy-machine: gpu-test --lift needs --gpu N", file=sys.stderr)
+            return 2
+        return _act(args, f"/health/comfyui/gpus/{args.gpu}/retest")
     settings = load_settings()
     return run_gpu_test(settings, _plan(settings), args.gpu, args.json)
 
@@ -307,6 +320,23 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_action(args: argparse.Namespace) -> int:
+    """restart, drain or undrain the instance on --gpu N of a running node (needs the token)."""
+    return _act(args, f"/health/comfyui/instances/{args.gpu}/{args.command}")
+
+
+def _act(args: argparse.Namespace, path: str) -> int:
+    """POST an operator action with MACHINE_HEALTH_TOKEN; 0 when it was done, else 1."""
+    from machine.health_client import post_health
+
+    code, body = asyncio.run(post_health(_health_base(args), path, headers=_log_auth()))
+    if getattr(args, "json", False):
+        print(json.dumps(body, indent=2))
+    else:
+        print(body.get("message") or body.get("error") or body)
+    return 0 if code == 200 and body.get("ok") else 1
+
+
 def _log_auth() -> dict[str, str]:
     """The Authorization header for the log route: MACHINE_HEALTH_TOKEN from the environment
     (or the MACHINE_CONFIG file); none when it is not set (the node then answers 401/403)."""
@@ -446,6 +476,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gpu_test.add_argument("--gpu", type=int, help="only this GPU (NVML index, as nvidia-smi)")
     gpu_test.add_argument("--json", action="store_true")
+    gpu_test.add_argument(
+        "--lift", action="store_true",
+        help="on the running node instead: test --gpu N again and lift its quarantine when it "
+        "passes and NVML finds it healthy (needs MACHINE_HEALTH_TOKEN)",
+    )
+    gpu_test.add_argument("--url", help="health server base URL, with --lift")
+    for action, words in (
+        ("restart", "restart the instance on --gpu N now (a held start is released)"),
+        ("drain", "stop sending new work to --gpu N (accepting: false); its prompts finish"),
+        ("undrain", "let --gpu N accept work again"),
+    ):
+        acting = sub.add_parser(action, help=f"{words}; needs MACHINE_HEALTH_TOKEN")
+        acting.add_argument("--gpu", type=int, required=True, help="the instance's GPU")
+        acting.add_argument("--json", action="store_true", help="the JSON answer")
+        acting.add_argument("--url", help="health server base URL (default from settings)")
     wait = sub.add_parser(
         "wait-ready",
         help="block until the node or one GPU is ready (exit 0); 1 on timeout; 3 at once when "
@@ -469,6 +514,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "logs": cmd_logs,
     "wait-ready": cmd_wait_ready,
     "gpu-test": cmd_gpu_test,
+    "restart": cmd_action,
+    "drain": cmd_action,
+    "undrain": cmd_action,
 }
 
 

@@ -44,6 +44,23 @@ async def get_health(
         ) from None
 
 
+async def post_health(
+    base_url: str, path: str, headers: dict[str, str] | None = None, limit_s: float = 120.0
+) -> tuple[int, dict[str, Any]]:
+    """POST ``path`` (an operator action); status and JSON body, or HealthClientError."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit_s)) as session,
+            session.post(base_url.rstrip("/") + path, headers=headers) as resp,
+        ):
+            return resp.status, await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise HealthClientError(
+            f"no answer from the health server at {base_url} ({type(exc).__name__}: {exc}); "
+            "is `comfy-machine up` running, and is MACHINE_HEALTH_PORT right?"
+        ) from None
+
+
 class Outcome(StrEnum):
     READY = "ready"
     FINAL = "final"  # cannot become ready without someone acting (the body's final_reason)

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 12
 # Events are pushed; this resync only repairs a dropped datagram, so it can be slow.
 RESYNC_INTERVAL_S = 15.0
+# After a crash: how long and how often the agent turns supervisord's loop (_nudge).
+RESPAWN_NUDGE_S = 1.0
+RESPAWN_NUDGE_EVERY_S = 0.005
 # States from which the agent may start a process whose backoff is over.
 STARTABLE_STATES = frozenset({ProcessState.STOPPED, ProcessState.EXITED, ProcessState.FATAL})
 
@@ -224,8 +227,41 @@ class InstanceController:
                     extra={"fields": {"instance": inst.plan.name, "pid": pid}},
                 )
                 self.state.changed()
+                self._nudge_if_restarting(inst, pid)
 
         loop.add_reader(fd, exited)
+
+    def _nudge_if_restarting(self, inst: InstanceState, pid: int) -> None:
+        """A running instance crashed and supervisord restarts it (a first crash, nothing
+        holding it): wake supervisord now so that its restart comes at once, not on its next
+        loop turn (up to 1 s: it reaps on a turn and restarts on the one after, and a process
+        whose pipes stay open wakes it for neither). Only supervisord's own autorestart starts
+        it, so its accounting (the EXITED -> STARTING event, ``restarts``) and a stop that an
+        operator or the backoff asked for stay as they are; a crash the backoff will hold
+        (the 2nd+ of a streak) is not nudged."""
+        if inst.quarantined or inst.in_backoff or inst.process_state is not ProcessState.RUNNING:
+            return
+        if self.state.phase is Phase.STOPPING:
+            return
+        decision = after_failure(
+            Failure.CRASH, inst.failures, inst.attempt, inst.started_at, time.time(), self.backoff
+        )
+        if decision.delay_s <= 0:
+            self._spawn(self._nudge(inst.plan.name, pid), f"respawn-{inst.plan.name}")
+
+    async def _nudge(self, name: str, pid: int) -> None:
+        """Ask supervisord about ``name`` until it has reaped ``pid`` and taken its decision
+        (a new process, or a state it does not restart from): each call is one turn of its
+        loop. Gives up after RESPAWN_NUDGE_S, when its own timer has turned the loop anyway."""
+        deadline = time.monotonic() + RESPAWN_NUDGE_S
+        while time.monotonic() < deadline:
+            try:
+                info = await self.supervisord.rpc.process(f"{self.plan.group}:{name}")
+            except SupervisorError:
+                return
+            if info.pid != pid and info.state is not ProcessState.EXITED:
+                return  # restarted (STARTING, new pid), or stopped, FATAL, BACKOFF: decided
+            await asyncio.sleep(RESPAWN_NUDGE_EVERY_S)
 
     def _unwatch(self, name: str) -> None:
         watched = self._watched.pop(name, None)
@@ -369,6 +405,33 @@ class InstanceController:
                                   "reason": reason}},
             )
             await self._stop(inst)
+
+    async def restart(self, inst: InstanceState) -> None:
+        """An operator's restart: a held start is released, the streak of failures forgotten
+        (someone acted), and the process stopped and started again now (port permitting)."""
+        if inst.in_backoff:
+            self._release(inst)
+        inst.failures, inst.attempt, inst.crash_times = 0, 0, []
+        await self._stop(inst)
+        await self.start_instance(inst)
+        self._wake.set()
+
+    def lift_quarantine(self, inst: InstanceState) -> None:
+        """Its GPU passed the self-test again and NVML finds it healthy: back in service (the
+        reconcile loop starts the stopped instance at once)."""
+        if inst.quarantined is None:
+            return
+        log.warning("GPU quarantine lifted", extra={"fields": {
+            "instance": inst.plan.name, "gpu_uuid": inst.plan.gpu_uuid,
+            "was": inst.quarantined}})
+        inst.quarantined = None
+        inst.failures, inst.attempt, inst.crash_times = 0, 0, []
+        for status in self.state.gpus.values():
+            if status.uuid == inst.plan.gpu_uuid:
+                status.quarantined, status.quarantine_reason = False, None
+                status.unhealthy_samples = 0
+        self.state.changed()
+        self._wake.set()
 
     async def _stop(self, inst: InstanceState) -> None:
         async with self._locks[inst.plan.name]:

@@ -199,6 +199,9 @@ class InstanceProber:
         token = self._settings.access_token
         if proxy is None or token is None or url is None or not proxy.serving:
             return
+        own = self._inst.smoke  # the instance itself must work first
+        if own is None or own.pid != pid or own.status is not SmokeStatus.PASSED:
+            return
         done = self._inst.public_smoke
         if done is not None and done.pid == pid and done.status is SmokeStatus.PASSED:
             return

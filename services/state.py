@@ -146,6 +146,8 @@ class InstanceState:
     blocked_reason: str | None = None
     # Why its GPU was taken out of service (NVML health or the self-test): never restarted.
     quarantined: str | None = None
+    # An operator drained it (POST .../drain): it answers accepting: false until undrained.
+    draining: bool = False
     log_tail: list[str] = field(default_factory=list)
     # Backoff (services/backoff.py): the failures (FATAL, early crashes) since it last ran
     # INSTANCE_STABLE_SECS, the agent's held starts among them, when the next start is due
@@ -249,6 +251,7 @@ class CustomNodeState:
     error: str | None = None
     import_checked: bool = False
     import_failed: bool = False  # the failure is ComfyUI's import, which a restart re-checks
+    transient: bool = False  # its install failed on the network: the boot retries the install
     source: str = "git"  # or "registry" (Comfy Registry): then url is the archive's
     registry_id: str | None = None
     version: str | None = None  # the registry version installed
@@ -314,6 +317,11 @@ class MachineState:
     error: str | None = None
     failed_step: str | None = None
     install_steps: list[StepState] = field(default_factory=list)
+    # The install phase's attempts (INSTALL_RETRIES retries after a transient failure), the
+    # transient error that made the last retry, and when the next attempt starts.
+    install_attempts: int = 0
+    install_retry_error: str | None = None
+    install_next_attempt_at: float | None = None
     custom_nodes: dict[str, CustomNodeState] = field(default_factory=dict)
     # Keyed by InstancePlan.gpu: the GPU's NVML index (0..N-1 in CPU mode), as in the URLs.
     instances: dict[int, InstanceState] = field(default_factory=dict)
@@ -336,6 +344,10 @@ class MachineState:
     workspace_path: str = ""
     workspace_free_bytes: int | None = None
     workspace_full: bool = False
+    # SIGTERM: the node stopped accepting and waits for running and queued prompts (drain).
+    draining: bool = False
+    drain_started_at: float | None = None
+    drain_deadline: float | None = None
     version: int = 0
     _changed: asyncio.Event | None = field(default=None, repr=False)
 

@@ -242,7 +242,8 @@ def _network(
                 raise InstallError(
                     f"{what} failed after {attempts} attempt(s): {exc.message}; check that the "
                     f"host is reachable from this machine (GIT_TIMEOUT={options.timeout:g}s "
-                    f"without progress, GIT_RETRIES={options.retries})"
+                    f"without progress, GIT_RETRIES={options.retries})",
+                    transient=True,
                 ) from None
             log.warning(
                 "git retry",

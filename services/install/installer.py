@@ -215,9 +215,10 @@ class Installer:
         status = StepStatus.SKIPPED if run.skipped else StepStatus.DONE
         self._on_step(name, status, run.detail, None, time.monotonic() - started)
 
-    def _fail_node(self, name: str, error: str) -> None:
+    def _fail_node(self, name: str, error: str, transient: bool = False) -> None:
         outcome = self._outcomes[name]
         outcome.status, outcome.error = NodeStatus.FAILED, error
+        outcome.transient = transient
         log.error("custom node failed", extra={"fields": {"node": name, "error": error}})
 
     # -- the phase ------------------------------------------------------------------------
@@ -414,7 +415,7 @@ class Installer:
                     options,
                 )
         except InstallError as exc:
-            self._fail_node(spec.name, str(exc))
+            self._fail_node(spec.name, str(exc), exc.transient)
             return None
         self._outcomes[spec.name].commit = result.commit
         return result
@@ -454,7 +455,7 @@ class Installer:
                 )
                 step.finish(result.detail, result.action == "skipped")
         except InstallError as exc:
-            self._fail_node(spec.name, str(exc))
+            self._fail_node(spec.name, str(exc), exc.transient)
             return None
         self._pins[spec.name] = result.pin
         outcome = self._outcomes[spec.name]

@@ -410,7 +410,8 @@ async def _get_json(
                 raise RegistryError(
                     f"{what}: the Comfy Registry at COMFY_REGISTRY_URL={registry_url} could not "
                     f"be reached: gave up after {attempt} attempts (last: {cause}); check "
-                    "COMFY_REGISTRY_URL and the network, or name the node by its git URL"
+                    "COMFY_REGISTRY_URL and the network, or name the node by its git URL",
+                    transient=True,
                 ) from None
             delay = min(options.backoff_s * 2 ** (attempt - 1), options.backoff_max_s)
             log.warning("registry request retry", extra={"fields": {

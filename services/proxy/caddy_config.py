@@ -44,6 +44,9 @@ UNAUTHORIZED_BODY = (
     "browser.\n"
 )
 
+# Any ``token`` parameter in a raw query string.
+QUERY_TOKEN_PATTERN = "(?:^|&)token="
+
 _B64 = "A-Za-z0-9+/"
 _ANY = f"[{_B64}]"
 # The base64 digits whose value is a multiple of 4, and those that are 3 modulo 16 (below).
@@ -129,12 +132,18 @@ def _login(token: str, secure: bool) -> dict[str, Any]:
 
 
 def _proxy(token: str, route: ProxyRoute) -> dict[str, Any]:
-    """A request with the token goes on to the instance, without the token."""
+    """A request with the token goes on to the instance, without the token. One that also
+    carries some other ``?token=`` is refused: a wrong token never travels on (nor into a log
+    line of Caddy's, which names the URL of a request the instance did not answer)."""
+    no_other_token = {"not": [{"vars_regexp": {
+        "{http.request.uri.query}": {"pattern": QUERY_TOKEN_PATTERN}}}]}
     return {
         "match": [
-            {"header_regexp": {"Authorization": {"pattern": bearer_pattern(token)}}},
-            {"header_regexp": {"Authorization": {"pattern": basic_pattern(token)}}},
-            {"header_regexp": {"Cookie": {"pattern": cookie_pattern(token)}}},
+            {"header_regexp": {"Authorization": {"pattern": bearer_pattern(token)}},
+             **no_other_token},
+            {"header_regexp": {"Authorization": {"pattern": basic_pattern(token)}},
+             **no_other_token},
+            {"header_regexp": {"Cookie": {"pattern": cookie_pattern(token)}}, **no_other_token},
         ],
         "handle": [{
             "handler": "reverse_proxy",

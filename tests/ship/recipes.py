@@ -132,9 +132,17 @@ def worker_script(container: dict[str, Any]) -> str:
     return script
 
 
+# What a secret store (a Kubernetes Secret, RunPod's secrets, Vast's account variables) gives
+# COMFYUI_ACCESS_TOKEN at run time, where a recipe names it without a value.
+RUNTIME_ACCESS_TOKEN = "set-at-run-time-0123456789abcdef"
+
+
 def check_settings(env: dict[str, str | None], where: str) -> None:
     """Every name is one comfy-machine reads, and the values (None: set at run time) make
     valid settings."""
     unknown = sorted(set(env) - SETTINGS_ENV - EXTRA_ENV)
     assert not unknown, f"{where}: not comfy-machine settings: {unknown}"
-    load_settings(environ={k: v for k, v in env.items() if k in SETTINGS_ENV and v is not None})
+    values = {k: v for k, v in env.items() if k in SETTINGS_ENV and v is not None}
+    if "COMFYUI_ACCESS_TOKEN" in env and env["COMFYUI_ACCESS_TOKEN"] is None:
+        values["COMFYUI_ACCESS_TOKEN"] = RUNTIME_ACCESS_TOKEN
+    load_settings(environ=values)

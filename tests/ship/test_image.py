@@ -77,6 +77,8 @@ def test_runtime_contract_pid1_ports_volume_health_user() -> None:
         f"{i.keyword} {i.args}" for i in final
     }
     assert any("tini" in i.args.split() for i in final if i.keyword == "RUN")
+    # Caddy, the authenticating proxy of COMFYUI_EXPOSE=proxy, from the Ubuntu archive.
+    assert any("caddy" in i.args.split() for i in final if i.keyword == "RUN")
     env = dockerfile_env("agent")
     assert env["MACHINE_WORKSPACE"] == "/workspace"
     assert int(env["MACHINE_HEALTH_PORT"]) == HEALTH_PORT

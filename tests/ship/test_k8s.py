@@ -38,6 +38,13 @@ def gpus_per_node() -> int:
     return int(agent_container()["resources"]["limits"]["nvidia.com/gpu"])
 
 
+def access_token_ref(container: dict[str, Any]) -> dict[str, Any]:
+    """The Secret key COMFYUI_ACCESS_TOKEN comes from (never a value in the manifest)."""
+    (entry,) = [e for e in container["env"] if e["name"] == "COMFYUI_ACCESS_TOKEN"]
+    assert "value" not in entry
+    return entry["valueFrom"]["secretKeyRef"]
+
+
 def named_port(name: str) -> int:
     ports = {p["name"]: p["containerPort"] for p in agent_container()["ports"]}
     return ports[name]
@@ -76,7 +83,9 @@ def test_daemonset_takes_the_gpus_of_gpu_nodes_one_port_each() -> None:
         "tolerations"
     ]
     env = {e["name"]: e["value"] for e in agent_container()["env"] if "value" in e}
-    assert env["COMFYUI_LISTEN"] == "0.0.0.0"  # reachable through the Service
+    # Reachable through the Service by way of the authenticating proxy, its token a Secret's.
+    assert env["COMFYUI_EXPOSE"] == "proxy" and "COMFYUI_LISTEN" not in env
+    assert access_token_ref(agent_container()) == {"name": "comfy-machine", "key": "access-token"}
     assert int(env["MACHINE_HEALTH_PORT"]) == named_port("health") == HEALTH_PORT
     start = int(env["COMFYUI_PORT_START"])
     assert start == PORT_START
@@ -133,7 +142,9 @@ def test_example_workers_wait_for_their_gpu_then_connect() -> None:
     assert spec["nodeSelector"] == agent_pod()["spec"]["nodeSelector"]
     gpus = []
     for container in spec["containers"]:
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        # The worker sends the same token the agent's proxy asks for.
+        assert access_token_ref(container) == access_token_ref(agent_container())
         script = worker_script(container)
         wait = next(line for line in script.splitlines() if "wait-ready" in line)
         assert wait.split()[:2] == ["comfy-machine", "wait-ready"]

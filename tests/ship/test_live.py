@@ -3,6 +3,8 @@ health checks, the Kubernetes probes, and the example worker's script."""
 
 from __future__ import annotations
 
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from tests.ship.recipes import (
     load_yaml,
     worker_script,
 )
-from tests.support import http_json, wait_until
+from tests.support import free_port_range, http_json, wait_until
 
 
 def run_python_check(command: list[str], site: Site) -> int:
@@ -35,14 +37,23 @@ def worker_container(gpu: int) -> dict[str, Any]:
 
 
 def test_recipes_commands_against_a_running_node(site: Site) -> None:
-    node = site.start_demo()
+    # As the recipes run it: behind the authenticating proxy, when Caddy is here to run it
+    # (without, the worker's token is sent straight to the instance, which ignores it).
+    token = "live-recipe-token-" + secrets.token_hex(8)
+    proxy = {
+        "COMFYUI_EXPOSE": "proxy",
+        "COMFYUI_ACCESS_TOKEN": token,
+        "COMFYUI_INTERNAL_PORT_START": str(free_port_range(2)),
+    } if shutil.which("caddy") else {}
+    node = site.start_demo(**proxy)
     # The worker starts with the node, as a pod would: it must wait, then connect.
     worker = worker_container(1)
     worker_env = {
-        **{e["name"]: e["value"] for e in worker["env"]},
+        **{e["name"]: e["value"] for e in worker["env"] if "value" in e},
         "COMFY_MACHINE_URL": site.url,
         "COMFY_MACHINE_HOST": "127.0.0.1",
         "COMFYUI_PORT_START": str(site.port_start),
+        "COMFYUI_ACCESS_TOKEN": token,  # the Secret's, in a pod
     }
     worker_run = site.start(argv=["bash", "-c", worker_script(worker)], **worker_env)
     site.wait_ready(node)

@@ -132,3 +132,18 @@ async def test_wait_since_answers_on_each_change(aiohttp_client) -> None:  # typ
     body = await resp.json()
     assert body["state"] == "STARTING" and body["progress_token"] != first["progress_token"]
     assert 0.25 < time.monotonic() - started < 2.0
+
+
+async def test_readyz_is_small_and_answers_follow_each_change(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    inst = instance(0)
+    state = node(inst)
+    client = await client_for(aiohttp_client, state)
+    full = await (await client.get("/health/comfyui")).json()
+    resp = await client.get("/readyz")
+    small = await resp.json()
+    assert resp.status == 503 and "instances" not in small and small["instance_count"] == 1
+    assert small["progress_token"] == full["progress_token"]  # ?since= works the same
+    make_ready(inst)
+    state.changed()  # a cached answer never outlives a change
+    resp = await client.get("/readyz")
+    assert resp.status == 200 and (await resp.json())["ready_instances"] == 1

@@ -26,6 +26,8 @@ from services.proxy.caddy_config import (
     render_caddy_config,
 )
 from services.supervisor.conf import render_conf
+from tests.unit.test_checks import behind_proxy, instance, make_ready, node
+from tests.unit.test_metrics import find, scrape, value
 
 TOKEN = "Tok3n-with.all_the~chars-0123456789"
 GPUS = [Gpu(i, f"GPU-{i}aaa", "NVIDIA H100", 80 << 30, f"0000:0{i}:00.0") for i in range(4)]
@@ -165,6 +167,8 @@ def test_config_no_admin_no_autosave_no_acme_and_one_server_per_port() -> None:
     assert upstream["flush_interval"] == -1
     assert upstream["headers"]["request"]["delete"] == ["Authorization"]
     assert len(proxied["match"]) == 3  # bearer, basic, cookie: any one lets the request in
+    # ... unless the query holds some other token= (the right one was handled by `login`).
+    assert all("not" in matcher_set for matcher_set in proxied["match"])
     assert "match" not in refused  # everything else
     assert refused["handle"][0]["status_code"] == 401
     assert "Basic" in refused["handle"][0]["headers"]["WWW-Authenticate"][0]
@@ -190,3 +194,19 @@ def test_config_with_tls_loads_the_files_and_secures_the_cookie(tmp_path: Path) 
     assert server["automatic_https"] == {"disable": True}
     cookie = server["routes"][0]["handle"][0]["response"]["set"]["Set-Cookie"][0]
     assert cookie.endswith("; Secure")
+
+
+def test_metrics_count_the_proxy_only_where_there_is_one() -> None:
+    _, samples = scrape(node(make_ready(instance(0))))
+    assert find(samples, "comfy_machine_proxy_up") == []
+    state, proxy = behind_proxy(make_ready(instance(0)))
+    proxy.restarts, proxy.started_at = 2, 1234.0
+    _, samples = scrape(state)
+    assert value(samples, "comfy_machine_proxy_up") == 1
+    assert value(samples, "comfy_machine_proxy_restarts_total") == 2
+    assert value(samples, "comfy_machine_proxy_start_time_seconds") == 1234.0
+    assert value(samples, "comfy_machine_instance_ready", gpu="0") == 1
+    proxy.pid_exited = True
+    _, samples = scrape(state)
+    assert value(samples, "comfy_machine_proxy_up") == 0
+    assert value(samples, "comfy_machine_instance_ready", gpu="0") == 0
