@@ -349,7 +349,7 @@ async def _boot(
             settings, state, plan.extra_model_paths, plan.extra_model_paths_yaml
         )
         state.set_phase(Phase.STARTING)
-        for directory in (plan.output_dir, plan.input_dir):
+        for directory in plan.instance_dirs:
             directory.mkdir(parents=True, exist_ok=True)
         # GPU mode: NVML inventory and the sentinel self-test before any instance starts.
         sampler = await prepare_gpus(settings, plan, state)

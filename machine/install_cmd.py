@@ -71,6 +71,8 @@ def import_check(plan: NodePlan, report: InstallReport) -> dict[str, str]:
     """Node name -> import error, from a --quick-test-for-ci run of instance 0's command."""
     inst = plan.instances[0]
     write_extra_model_paths(plan.extra_model_paths, plan.extra_model_paths_yaml, plan.models_path)
+    for directory in plan.instance_dirs:  # as `up` makes them: nodes may read them at import
+        directory.mkdir(parents=True, exist_ok=True)
     argv = [*inst.argv, "--quick-test-for-ci"]
     env = {**plan.inherited_env(os.environ), **inst.env}
     try:

@@ -143,6 +143,12 @@ class NodePlan:
     def group(self) -> str:
         return INSTANCE_GROUP
 
+    @property
+    def instance_dirs(self) -> tuple[Path, Path]:
+        """The directories every ComfyUI run is pointed at (``--output/--input-directory``):
+        they must exist before it starts, or its nodes that read them fail to import."""
+        return self.output_dir, self.input_dir
+
     def inherited_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         """What supervisord (and through it every instance) gets of the agent's ``environ``."""
         return {k: v for k, v in environ.items() if k not in self.withheld_env}

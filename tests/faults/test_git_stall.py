@@ -67,8 +67,10 @@ def test_installer_gives_up_on_a_stalled_server(tmp_path: Path, stalled_url: str
 def test_up_reports_the_stall_in_health(
     make_node: Callable[..., Node], stalled_url: str
 ) -> None:
+    # INSTALL_RETRIES=0: the node's own retries of a transient failure are tested apart
+    # (tests/integration/test_install_retry.py); here the failure must show at once.
     node = make_node(gpus=1, COMFYUI_REPO=stalled_url, COMFYUI_REF="main", GIT_TIMEOUT="2",
-                     GIT_RETRIES="1").start()
+                     GIT_RETRIES="1", INSTALL_RETRIES="0").start()
     started = time.monotonic()
     code, body = wait_until(
         lambda: (lambda r: r if r[1].get("status") == "failed" else None)(

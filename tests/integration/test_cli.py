@@ -155,13 +155,26 @@ def test_demo_prints_urls_when_ready_and_stops_on_ctrl_c(workspace: Path) -> Non
             proc.stdout.close()
 
 
+READS_INPUT_DIR_AT_IMPORT = """\
+import os
+try:
+    import folder_paths as paths  # ComfyUI
+except ImportError:
+    import model_paths as paths  # the stand-in
+os.listdir(paths.get_input_directory())
+NODE_CLASS_MAPPINGS = {}
+"""
+
+
 def test_install_reports_steps_as_json_lines_and_fails_on_a_broken_node(
     workspace: Path, standin_repo: tuple[str, str]
 ) -> None:
     from tests.integration.test_installer import make_repo
 
     url, commit = standin_repo
-    good = make_repo(workspace / "good", {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"})
+    # Like ComfyUI's own nodes_video.py, this node reads the input directory at import: the
+    # import check must run with the directories `up` would give it.
+    good = make_repo(workspace / "good", {"__init__.py": READS_INPUT_DIR_AT_IMPORT})
     broken = make_repo(workspace / "broken", {"__init__.py": "import nonexistent_dep\n"})
     env = {
         "COMFYUI_CPU_ONLY": "1",
