@@ -86,6 +86,8 @@ class ProxyControl:
         proxy.process_state = to_state
         if pid:
             self._adopt_pid(pid)
+        if to_state in UP_STATES:
+            proxy.blocked_reason = None  # it runs: whatever held its ports let go
         self.state.changed()
         log.log(
             logging.WARNING if to_state in EXITED_STATES else logging.INFO,
@@ -227,4 +229,10 @@ class ProxyControl:
                                                                 "error": str(exc)}})
             self._hold(time.time())
             return False
+        # Started: until its STARTING event comes, a next pass must not take it for stopped
+        # (and find its public ports taken, by itself).
+        if proxy.process_state in STARTABLE_STATES:
+            proxy.process_state = ProcessState.STARTING
+            self.state.changed()
+        self._spawn(self.refresh(), f"refresh-{self.name}")
         return True

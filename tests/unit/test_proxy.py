@@ -6,14 +6,19 @@ from __future__ import annotations
 import base64
 import configparser
 import json
+import os
 import random
 import re
+import socket
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from config.errors import ConfigError
 from config.settings import load_settings
+from services.backoff import BackoffPolicy
 from services.gpu.interface import Gpu
 from services.plan import NodePlan, make_plan
 from services.proxy.caddy_config import (
@@ -25,7 +30,12 @@ from services.proxy.caddy_config import (
     query_pattern,
     render_caddy_config,
 )
+from services.proxy.control import ProxyControl
+from services.state import MachineState, ProxyState
 from services.supervisor.conf import render_conf
+from services.supervisor.rpc import ProcessInfo
+from services.supervisor.states import ProcessState
+from tests.support import free_port_range
 from tests.unit.test_checks import behind_proxy, instance, make_ready, node
 from tests.unit.test_metrics import find, scrape, value
 
@@ -210,3 +220,76 @@ def test_metrics_count_the_proxy_only_where_there_is_one() -> None:
     _, samples = scrape(state)
     assert value(samples, "comfy_machine_proxy_up") == 0
     assert value(samples, "comfy_machine_instance_ready", gpu="0") == 0
+
+
+class FakeRpc:
+    """supervisord's XML-RPC as ProxyControl uses it: records starts, answers a state."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.info_state = ProcessState.STARTING
+
+    async def start(self, name: str) -> None:
+        self.started.append(name)
+
+    async def process(self, name: str) -> ProcessInfo:
+        return ProcessInfo(name.split(":")[0], self.info_state, 0, 0, 0, "", "")
+
+    async def tail_log(self, name: str) -> str:
+        return "Error: loading certificates: no such file\n"
+
+
+def _control(public_port: int) -> tuple[ProxyControl, ProxyState, FakeRpc, list[str]]:
+    plan = plan_for({**PROXY, "NUM_GPUS": "1", "COMFYUI_PORT_START": str(public_port),
+                     "COMFYUI_PUBLIC_LISTEN": "127.0.0.1"})
+    assert plan.proxy is not None
+    state = MachineState()
+    proxy = state.proxy = ProxyState(plan=plan.proxy)
+    rpc, spawned = FakeRpc(), []
+
+    def spawn(coro: Coroutine[Any, Any, None], name: str) -> None:
+        spawned.append(name)
+        coro.close()
+
+    control = ProxyControl(state, proxy, rpc, spawn, BackoffPolicy(initial_s=30, max_s=600))
+    return control, proxy, rpc, spawned
+
+
+async def test_control_starts_the_proxy_once_its_ports_are_free() -> None:
+    port = free_port_range(1)
+    control, proxy, rpc, _ = _control(port)
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        await control.reconcile(1000.0)
+        assert rpc.started == [] and proxy.blocked_reason is not None
+        assert f"public port {port} on 127.0.0.1 is already in use by pid {os.getpid()}" in (
+            proxy.blocked_reason)
+    await control.reconcile(1001.0)
+    assert rpc.started == ["comfyui-proxy:comfyui-proxy"] and proxy.blocked_reason is None
+    # Started: the next pass, before supervisord's event, does not start it again.
+    assert proxy.process_state is ProcessState.STARTING
+    await control.reconcile(1002.0)
+    assert rpc.started == ["comfyui-proxy:comfyui-proxy"]
+
+
+async def test_control_starts_a_fatal_proxy_again_after_a_doubling_backoff() -> None:
+    control, proxy, rpc, _ = _control(free_port_range(1))
+    proxy.process_state = ProcessState.BACKOFF
+    control.on_event(ProcessState.FATAL, ProcessState.BACKOFF, None)
+    assert proxy.attempt == 1 and proxy.next_start_at is not None
+    due = proxy.next_start_at
+    assert control.next_due(due - 30) == pytest.approx(30)
+    await control.reconcile(due - 1)
+    assert rpc.started == []
+    await control.reconcile(due + 0.1)
+    assert rpc.started == ["comfyui-proxy:comfyui-proxy"]
+    assert proxy.next_start_at is None and proxy.restarts == 1
+    # It fails again: the wait doubles; the last log lines come with the refresh.
+    control.on_event(ProcessState.FATAL, ProcessState.BACKOFF, None)
+    assert proxy.attempt == 2 and proxy.next_start_at is not None
+    rpc.info_state = ProcessState.FATAL
+    await control.refresh()
+    assert proxy.log_tail == ["Error: loading certificates: no such file"]
+    assert proxy.attempt == 2  # the refresh saw the FATAL already counted
