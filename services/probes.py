@@ -1,5 +1,7 @@
 """Per-instance probing: wait for HTTP while the process lives, run the smoke prompt, then
-probe /system_stats and /queue periodically. Results go into MachineState only."""
+probe /system_stats and /queue periodically. Results go into MachineState only. The queue
+figures come live from the process's websocket (services/queue_feed.py) while that is up; the
+periodic probe is their fallback."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from services.comfyui import PNG_SIGNATURE, ComfyApiError, ComfyClient, history_
 from services.import_check import modules_loaded, parse_startup_log
 from services.logfile import read_end
 from services.models.instance_check import check_instance
+from services.queue_feed import QueueFeed, start_feed, stop_feed
 from services.state import (
     InstanceState,
     MachineState,
@@ -78,7 +81,11 @@ class InstanceProber:
         self._inst = inst
         self._settings = settings
         self._output_dir = output_dir
+        self._session = session
         self._client = ComfyClient(session, inst.plan.url, settings.timeout)
+        # The websocket follower of the current process (services/queue_feed.py): while it is
+        # live, the queue figures are its, within milliseconds of each change.
+        self._feed: QueueFeed | None = None
         self._smoke_blocked_by_disk = False
         # The proxy process the last smoke prompt through it was sent to (tried once each).
         self._public_tried: tuple[int, int | None] | None = None
@@ -104,6 +111,16 @@ class InstanceProber:
 
     async def _follow(self, pid: int) -> None:
         await self._wait_for_http(pid)
+        self._feed, feed_task = start_feed(
+            self._state, self._inst, pid, self._session, self._client, self._settings.timeout
+        )
+        try:
+            await self._follow_answering(pid)
+        finally:
+            self._feed = None
+            await stop_feed(feed_task)
+
+    async def _follow_answering(self, pid: int) -> None:
         # Imports before the smoke prompt: readiness waits for both, so health never says
         # ready for the moment between a passed smoke prompt and a found import failure.
         await self._check_imports(pid)
@@ -146,7 +163,8 @@ class InstanceProber:
         self._check(pid)
         self._inst.last_probe = ProbeResult(time.time(), True, time.monotonic() - start)
         self._inst.probe_failures = 0
-        self._inst.queue_running, self._inst.queue_pending = depth.running, depth.pending
+        if self._feed is None or not self._feed.live:  # else the websocket's figures are newer
+            self._inst.queue_running, self._inst.queue_pending = depth.running, depth.pending
         self._state.changed()
         return True
 

@@ -79,35 +79,50 @@ class SmokeResult:
     error: str | None = None
 
 
+@dataclass(kw_only=True)
+class SupervisedProgram:
+    """What the agent knows of one supervisord program's process (an instance, the proxy):
+    its state and pid, restarts, why it does not run, and the agent's backoff of its starts."""
+
+    process_state: ProcessState = ProcessState.STOPPED
+    pid: int | None = None
+    # Set the moment the agent sees the pid die, before supervisord reports the exit.
+    pid_exited: bool = False
+    restarts: int = 0
+    started_at: float | None = None
+    spawn_error: str | None = None
+    exit_description: str | None = None
+    # Why the agent does not start it (e.g. its port is taken), with a hint.
+    blocked_reason: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+    # Backoff (services/backoff.py): held starts since it last ran stable, and when the next
+    # start is due (None: not held).
+    attempt: int = 0
+    next_start_at: float | None = None
+
+    @property
+    def process_alive(self) -> bool:
+        """supervisord has it up and the agent has not seen its pid die."""
+        return self.process_state in UP_STATES and self.pid is not None and not self.pid_exited
+
+    @property
+    def in_backoff(self) -> bool:
+        """The agent holds its next start until ``next_start_at``."""
+        return self.next_start_at is not None
+
+
 @dataclass
-class ProxyState:
+class ProxyState(SupervisedProgram):
     """The authenticating proxy (Caddy, COMFYUI_EXPOSE=proxy) in front of every instance: its
     process as supervisord and the agent's pidfd see it, and whether its public ports answer
     as they must (401 without the token). Written by services/proxy; one object, shared by
     every InstanceState (``InstanceState.proxy``), since one Caddy serves every public port."""
 
     plan: ProxyPlan
-    process_state: ProcessState = ProcessState.STOPPED
-    pid: int | None = None
-    pid_exited: bool = False
-    restarts: int = 0
-    started_at: float | None = None
-    spawn_error: str | None = None
-    exit_description: str | None = None
-    # Why the agent does not start it (a public port is taken), with a hint.
-    blocked_reason: str | None = None
     # The pid whose every public port answered 401 to a request without the token.
     checked_pid: int | None = None
     check_failures: int = 0
     check_error: str | None = None
-    log_tail: list[str] = field(default_factory=list)
-    # After a FATAL (it kept failing to start) the agent starts it again at this time.
-    attempt: int = 0
-    next_start_at: float | None = None
-
-    @property
-    def process_alive(self) -> bool:
-        return self.process_state in UP_STATES and self.pid is not None and not self.pid_exited
 
     @property
     def serving(self) -> bool:
@@ -123,16 +138,8 @@ class ProxyState:
 
 
 @dataclass
-class InstanceState:
+class InstanceState(SupervisedProgram):
     plan: InstancePlan
-    process_state: ProcessState = ProcessState.STOPPED
-    pid: int | None = None
-    # Set the moment the agent sees the pid die, before supervisord reports the exit.
-    pid_exited: bool = False
-    restarts: int = 0
-    started_at: float | None = None
-    spawn_error: str | None = None
-    exit_description: str | None = None
     last_probe: ProbeResult | None = None
     probe_failures: int = 0
     smoke: SmokeResult | None = None
@@ -142,19 +149,14 @@ class InstanceState:
     public_smoke: SmokeResult | None = None
     queue_pending: int | None = None
     queue_running: int | None = None
-    # Why the agent does not start this instance (e.g. its port is taken), with a hint.
-    blocked_reason: str | None = None
     # Why its GPU was taken out of service (NVML health or the self-test): never restarted.
     quarantined: str | None = None
     # An operator drained it (POST .../drain): it answers accepting: false until undrained.
     draining: bool = False
-    log_tail: list[str] = field(default_factory=list)
-    # Backoff (services/backoff.py): the failures (FATAL, early crashes) since it last ran
-    # INSTANCE_STABLE_SECS, the agent's held starts among them, when the next start is due
-    # (None: not held), how long that wait is, and when each crash of the streak happened.
+    # Backoff (services/backoff.py), besides attempt and next_start_at: the failures (FATAL,
+    # early crashes) since it last ran INSTANCE_STABLE_SECS, how long the current wait is, and
+    # when each crash of the streak happened.
     failures: int = 0
-    attempt: int = 0
-    next_start_at: float | None = None
     backoff_s: float | None = None
     crash_times: list[float] = field(default_factory=list)
     backoff_starts: int = 0  # held starts the agent made since it started (a counter)
@@ -164,16 +166,6 @@ class InstanceState:
     model_check_generation: int = -1  # MachineState.models_generation it was checked at
     model_mismatches: list[str] = field(default_factory=list)  # required models not listed
     workflow_missing: list[WorkflowRef] = field(default_factory=list)
-
-    @property
-    def process_alive(self) -> bool:
-        """supervisord has it up and the agent has not seen its pid die."""
-        return self.process_state in UP_STATES and self.pid is not None and not self.pid_exited
-
-    @property
-    def in_backoff(self) -> bool:
-        """The agent holds its next start until ``next_start_at``."""
-        return self.next_start_at is not None
 
     def reset_runtime(self) -> None:
         """Forget what was learned about the previous process."""
