@@ -87,6 +87,10 @@ class _GpuRow:
     status: GpuStatus | None
 
 
+def _instance_gauge(name: str, doc: str, extra: Iterable[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, labels=[*INSTANCE_LABELS, *extra])
+
+
 class MachineCollector(Collector):
     """Builds every ``comfy_machine_*`` family from ``state`` at each scrape."""
 
@@ -108,6 +112,7 @@ class MachineCollector(Collector):
         yield from self._node()
         instances = [inst for _, inst in sorted(self._state.instances.items())]
         yield from self._instances(instances)
+        yield from self._instance_probes(instances)
         yield from self._proxy()
         yield from self._install()
         yield from self._models()
@@ -147,11 +152,8 @@ class MachineCollector(Collector):
             )
 
     def _instances(self, instances: list[InstanceState]) -> Iterator[Metric]:
-        labels = list(INSTANCE_LABELS)
-
-        def gauge(name: str, doc: str, extra: Iterable[str] = ()) -> GaugeMetricFamily:
-            return GaugeMetricFamily(PREFIX + name, doc, labels=[*labels, *extra])
-
+        """Per instance: identity, process state, readiness, restarts and backoff."""
+        gauge = _instance_gauge
         info = gauge(
             "instance_info",
             "Always 1: an instance's GPU UUID, GPU model and URL",
@@ -171,14 +173,14 @@ class MachineCollector(Collector):
         restarts = CounterMetricFamily(
             PREFIX + "instance_restarts",
             "Restarts of the instance by supervisord since the agent started",
-            labels=labels,
+            labels=list(INSTANCE_LABELS),
         )
         start = gauge("instance_start_time_seconds", "Unix time the current process started")
         backoff_starts = CounterMetricFamily(
             PREFIX + "instance_backoff_starts",
             "Starts the agent held back and then made after a backoff (a FATAL instance or a "
             "crash loop) since the agent started",
-            labels=labels,
+            labels=list(INSTANCE_LABELS),
         )
         attempt = gauge(
             "instance_backoff_attempt",
@@ -189,23 +191,6 @@ class MachineCollector(Collector):
             "instance_next_start_time_seconds",
             "Unix time the agent starts the instance again after its backoff (only while held)",
         )
-        pending = gauge("instance_queue_pending", "Prompts waiting in the instance's /queue")
-        running = gauge("instance_queue_running", "Prompts running in the instance's /queue")
-        probe = gauge(
-            "probe_duration_seconds",
-            "Duration of the last probe of /system_stats and /queue (the state keeps only the "
-            "last one, so this is a gauge, not a histogram)",
-        )
-        probe_ok = gauge("probe_success", "1 if the last probe of the instance answered")
-        probe_fail = gauge(
-            "probe_consecutive_failures",
-            "Probes in a row that failed (2 take a ready instance out)",
-        )
-        smoke = gauge(
-            "smoke_duration_seconds",
-            "Duration of the smoke prompt (EmptyImage -> SaveImage) of the current process",
-        )
-        smoke_ok = gauge("smoke_passed", "1 if the current process passed its smoke prompt")
         for inst in instances:
             plan = inst.plan
             key = [str(plan.gpu), plan.name, str(plan.port)]
@@ -225,6 +210,31 @@ class MachineCollector(Collector):
             attempt.add_metric(key, float(inst.attempt))
             if inst.next_start_at is not None:
                 next_start.add_metric(key, inst.next_start_at)
+        yield from (info, states, ready, accepting, restarts, start)
+        yield from (backoff_starts, attempt, next_start)
+
+    def _instance_probes(self, instances: list[InstanceState]) -> Iterator[Metric]:
+        """Per instance: what its probes, smoke prompt and live queue last saw."""
+        gauge = _instance_gauge
+        pending = gauge("instance_queue_pending", "Prompts waiting in the instance's /queue")
+        running = gauge("instance_queue_running", "Prompts running in the instance's /queue")
+        probe = gauge(
+            "probe_duration_seconds",
+            "Duration of the last probe of /system_stats and /queue (the state keeps only the "
+            "last one, so this is a gauge, not a histogram)",
+        )
+        probe_ok = gauge("probe_success", "1 if the last probe of the instance answered")
+        probe_fail = gauge(
+            "probe_consecutive_failures",
+            "Probes in a row that failed (2 take a ready instance out)",
+        )
+        smoke = gauge(
+            "smoke_duration_seconds",
+            "Duration of the smoke prompt (EmptyImage -> SaveImage) of the current process",
+        )
+        smoke_ok = gauge("smoke_passed", "1 if the current process passed its smoke prompt")
+        for inst in instances:
+            key = [str(inst.plan.gpu), inst.plan.name, str(inst.plan.port)]
             if inst.queue_pending is not None:
                 pending.add_metric(key, float(inst.queue_pending))
             if inst.queue_running is not None:
@@ -239,9 +249,7 @@ class MachineCollector(Collector):
             smoke_ok.add_metric(
                 key, _bool(current is not None and current.status is SmokeStatus.PASSED)
             )
-        yield from (info, states, ready, accepting, restarts, start, pending, running)
-        yield from (backoff_starts, attempt, next_start)
-        yield from (probe, probe_ok, probe_fail, smoke, smoke_ok)
+        yield from (pending, running, probe, probe_ok, probe_fail, smoke, smoke_ok)
 
     def _proxy(self) -> Iterator[Metric]:
         """The authenticating proxy (COMFYUI_EXPOSE=proxy); no series without one."""
