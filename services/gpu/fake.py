@@ -44,6 +44,8 @@ class FakeNvml:
     In memory (``FakeNvml(gpus)``) or backed by a JSON file (``FakeNvml.from_file``) that is
     re-read on every call, so a test can inject faults into a running node:
     ``{"driver_version": ..., "cuda_version": ..., "no_driver": false, "gpus": [FakeGpu fields]}``.
+    With ``"compute_on_cpu": true`` the fake GPUs compute on the CPU: the sentinel self-test
+    then runs there (as in CPU mode) instead of failing for want of CUDA.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class FakeNvml:
         self.driver_version = driver_version
         self.cuda_version = cuda_version
         self.no_driver = False
+        self.compute_on_cpu = False
         self.path = path
         self.is_open = False
         self._xids_seen: dict[str, int] = {}
@@ -87,6 +90,7 @@ class FakeNvml:
         self.driver_version = data.get("driver_version", self.driver_version)
         self.cuda_version = data.get("cuda_version", self.cuda_version)
         self.no_driver = bool(data.get("no_driver", False))
+        self.compute_on_cpu = bool(data.get("compute_on_cpu", False))
 
     def _inventory(self) -> Inventory:
         self._reload()

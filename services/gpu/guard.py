@@ -40,9 +40,12 @@ def selftest_cache_dir(plan: NodePlan) -> Path:
     return plan.run_dir / "gpu-selftest"
 
 
-def selftest_device(plan: NodePlan) -> tuple[str, str]:
-    """(torch device, size): the instance's GPU, or a short run on the CPU in CPU mode."""
-    return ("cpu", "small") if plan.cpu_only else ("cuda", "full")
+def selftest_device(plan: NodePlan, fake_nvml: Path | None = None) -> tuple[str, str]:
+    """(torch device, size): the instance's GPU, or a short run on the CPU in CPU mode and for
+    fake GPUs that compute on the CPU (MACHINE_FAKE_NVML with "compute_on_cpu")."""
+    if plan.cpu_only or (fake_nvml is not None and FakeNvml.from_file(fake_nvml).compute_on_cpu):
+        return "cpu", "small"
+    return "cuda", "full"
 
 
 async def selftest_instance(
@@ -59,7 +62,7 @@ async def selftest_instance(
     max_age = settings.gpu_selftest_cache_hours * 3600
     if use_cache and (report := cached_pass(cache_dir, uuid, driver, max_age)) is not None:
         return SelfTestResult(True, report, cached=True)
-    device, size = selftest_device(plan)
+    device, size = selftest_device(plan, settings.machine_fake_nvml)
     threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else 0
     result = await run_selftest(
         settings.python, inst.plan.env, device, settings.gpu_selftest_timeout, size, threads=threads

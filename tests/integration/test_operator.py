@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from services.gpu.fake import FakeNvml
 from tests.integration.test_gpu import fake_gpus, gpu_node
 from tests.support import Node, wait_until
@@ -109,3 +111,33 @@ def test_operator_actions_are_off_without_a_token(make_node: Callable[..., Node]
     assert node.instance(0)[1]["accepting"] is True
     done = cli(node, "restart", "--gpu", "0")
     assert done.returncode == 1 and "MACHINE_HEALTH_TOKEN" in done.stdout
+
+
+def _torch_importable() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_retest_lifts_the_quarantine_when_the_self_test_passes(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    if not _torch_importable():
+        pytest.skip("torch is not installed in this venv: .venv/bin/pip install torch (a CPU "
+                    "build is enough; .ci/run installs the machine's CPU wheel)")
+    # Fake GPUs that compute on the CPU: the self-test runs there, in the instance's Python
+    # (this venv's, which has torch), as it would on a real GPU.
+    nvml_file = tmp_path / "nvml.json"
+    gpus = fake_gpus(1)
+    FakeNvml.write(nvml_file, gpus, compute_on_cpu=True)
+    node = gpu_node(make_node, nvml_file, 1, MACHINE_HEALTH_TOKEN=TOKEN,
+                    GPU_UNHEALTHY_SAMPLES="1", COMFYUI_PYTHON=sys.executable).start()
+    node.wait_ready(90)
+    gpus[0].temperature_celsius = 97.0
+    FakeNvml.write(nvml_file, gpus, compute_on_cpu=True)
+    wait_until(lambda: node.instance(0)[1]["state"] == "STOPPED", 20, "gpu 0 quarantined")
+    gpus[0].temperature_celsius = 40.0
+    FakeNvml.write(nvml_file, gpus, compute_on_cpu=True)
+    code, body = post(node, "/health/comfyui/gpus/0/retest", TOKEN)
+    assert code == 200 and body["selftest_ok"] and body["lifted"] is True, body
+    assert body["quarantined"] is None, body
+    wait_until(lambda: node.instance(0)[1]["ready"], 60, "gpu 0 serving again after the retest")
