@@ -7,7 +7,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 
-from config.errors import ConfigError, InstallError, MachineError, Problem
+from config.errors import InstallError, MachineError
 from config.git_input import GitAuth, split_userinfo
 from config.settings import (
     Settings,
@@ -31,7 +30,6 @@ from services.disk import watch_workspace
 from services.drain import drain
 from services.fdlimit import raise_fd_limit
 from services.gpu.guard import prepare_gpus
-from services.gpu.interface import Nvml, list_gpus
 from services.install.git_launcher import use_group_git
 from services.install.installer import (
     Installer,
@@ -45,7 +43,7 @@ from services.instances import InstanceController
 from services.models.download import FetchOptions
 from services.models.step import fetch_background, models_step
 from services.operator import OperatorActions
-from services.plan import NodePlan, make_plan
+from services.plan import NodePlan
 from services.probes import InstanceProber, ProbeSettings
 from services.process_group import run_blocking, wind_down
 from services.proxy.control import write_proxy_config
@@ -69,28 +67,6 @@ WIND_DOWN_S = DEFAULT_GRACE_S + 2.0
 INSTALL_BACKOFF_S = 5.0
 INSTALL_BACKOFF_MAX_S = 60.0
 EXIT_GRACE_S = 3.0
-
-
-def build_plan(settings: Settings, nvml: Nvml) -> NodePlan:
-    """Discover GPUs (never in CPU mode) and plan; raises ConfigError/GpuError, starts nothing."""
-    custom_node_specs(settings)  # custom-node errors exit 2 with the rest, before anything runs
-    gpus = [] if settings.comfyui_cpu_only or not settings.enable_comfyui else list_gpus(nvml)
-    return make_plan(settings, gpus, caddy=find_caddy(settings))
-
-
-def find_caddy(settings: Settings) -> str:
-    """The proxy's binary on PATH when COMFYUI_EXPOSE=proxy asks for it; raises ConfigError
-    (exit 2, nothing started) when it is missing."""
-    if settings.comfyui_expose != "proxy" or not settings.enable_comfyui:
-        return "caddy"
-    found = shutil.which("caddy")
-    if found is None:
-        raise ConfigError([Problem(
-            "COMFYUI_EXPOSE", "'proxy'",
-            "needs Caddy, the proxy, and `caddy` is not on PATH; install it (Debian and Ubuntu: "
-            "apt-get install caddy; the comfy-machine image has it) or set COMFYUI_EXPOSE=none",
-        )])
-    return found
 
 
 def install_inputs(settings: Settings) -> InstallInputs:

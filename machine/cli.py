@@ -3,36 +3,44 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config.errors import ConfigError, MachineError
-from config.git_input import public_git_url
-from config.settings import Settings, check_workspace, custom_node_specs, load_settings
 from machine.logs import setup_logging
-from services.plan import NodePlan
-from services.supervisor.conf import render_conf
-from services.workspace_lock import WorkspaceLock
-from services.workspace_lock import acquire as acquire_workspace
+
+# Each command imports what it uses, in its own function: `status`, `wait-ready` and `plan`
+# start fast as whole processes (issue 14): none of them pays for the
+# pydantic-settings, aiohttp, boot services, gitpython or prometheus it does not use.
+if TYPE_CHECKING:
+    from config.settings import Settings
+    from services.plan import NodePlan
+    from services.workspace_lock import WorkspaceLock
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """config.settings.load_settings, imported on first use (pydantic-settings is slow to load)."""
+    from config.settings import load_settings as load
+
+    return load(**overrides)
 
 
 def _plan(settings: Settings) -> NodePlan:
-    from machine.boot import build_plan
-    from services.gpu.guard import nvml_for
+    from machine.planning import build_plan, nvml_for
 
     return build_plan(settings, nvml_for(settings))
 
 
 def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | None = None) -> int:
+    import asyncio
+    import signal
+
     from machine.boot import exit_if_stuck, run_node
 
     async def main() -> int:
@@ -57,6 +65,9 @@ def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | No
 def _own(workspace: Path, command: str, source: str = "MACHINE_WORKSPACE") -> WorkspaceLock:
     """Before a command writes the workspace: check it can be written and take its owner lock
     (held until this process exits; a second owner fails at once with exit code 2)."""
+    from config.settings import check_workspace
+    from services.workspace_lock import acquire as acquire_workspace
+
     problems = check_workspace(workspace, source)
     if problems:
         raise ConfigError(problems)
@@ -114,6 +125,8 @@ def _demo(args: argparse.Namespace, workspace: Path) -> int:
 
 
 def _jsonable(value: Any) -> Any:
+    import dataclasses
+
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
     if isinstance(value, dict):
@@ -155,6 +168,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from config.git_input import public_git_url
+    from config.settings import custom_node_specs
+    from services.supervisor.conf import render_conf
+
     settings = load_settings()
     plan = _plan(settings)
     conf = render_conf(plan)
@@ -207,6 +224,8 @@ def _health_base(args: argparse.Namespace) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     """A table, one line per instance (reasons cut to a terminal's width, whole through a pipe
     so scripts can grep them); the /health/comfyui body as JSON with --json."""
+    import asyncio
+
     from machine.health_client import get_health
 
     base = _health_base(args)
@@ -314,6 +333,8 @@ FOLLOW_POLL_S = 0.5
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Print an instance's last log lines; with -f keep printing what is appended."""
+    import asyncio
+
     try:
         return asyncio.run(_logs(_health_base(args), args.gpu, args.tail, args.follow))
     except KeyboardInterrupt:  # Ctrl-C ends a follow: not an error
@@ -327,6 +348,8 @@ def cmd_action(args: argparse.Namespace) -> int:
 
 def _act(args: argparse.Namespace, path: str) -> int:
     """POST an operator action with MACHINE_HEALTH_TOKEN; 0 when it was done, else 1."""
+    import asyncio
+
     from machine.health_client import post_health
 
     code, body = asyncio.run(post_health(_health_base(args), path, headers=_log_auth()))
@@ -354,6 +377,8 @@ async def _logs(base_url: str, gpu: int, tail: int, follow: bool) -> int:
     # Follow polls the health server rather than reading the file: it works wherever status
     # does (another container, a port-forward), needs no access to the workspace, and the
     # server keeps the rotation handling (offset + inode) in one place.
+    import asyncio
+
     from machine.health_client import get_health
 
     path = f"/health/comfyui/instances/{gpu}/log"
@@ -392,6 +417,7 @@ def progress_line(what: str, body: dict[str, Any], elapsed: float) -> str:
 def cmd_wait_ready(args: argparse.Namespace) -> int:
     """Exit 0 when ready, 1 on timeout, 3 at once when it cannot become ready without
     someone acting (a FAILED node, a quarantined GPU); a progress line per change on stderr."""
+    import asyncio
     import time
 
     from machine.health_client import Outcome, wait_ready

@@ -8,9 +8,8 @@ import os
 from pathlib import Path
 
 from config.settings import Settings
+from services.gpu.adapters import nvml_for
 from services.gpu.fake import FakeNvml
-from services.gpu.interface import Nvml
-from services.gpu.nvml import RealNvml
 from services.gpu.policy import GpuPolicy
 from services.gpu.sampler import GpuSampler
 from services.gpu.selftest import SelfTestResult, cached_pass, run_selftest, store
@@ -18,13 +17,6 @@ from services.plan import NodePlan
 from services.state import GpuStatus, InstanceState, MachineState
 
 log = logging.getLogger(__name__)
-
-
-def nvml_for(settings: Settings) -> Nvml:
-    """The real adapter, or the file-backed fake when MACHINE_FAKE_NVML names one."""
-    if settings.machine_fake_nvml is not None:
-        return FakeNvml.from_file(settings.machine_fake_nvml)
-    return RealNvml()
 
 
 def policy_from(settings: Settings) -> GpuPolicy:
