@@ -29,29 +29,31 @@ async def get_health(
     query = {"wait": f"{wait:.3f}"} if wait > 0 else {}
     if since is not None:
         query["since"] = since
-    params = query or None  # none: a query already in ``path`` stays as it is
-    timeout = aiohttp.ClientTimeout(total=wait + 10.0)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(base_url.rstrip("/") + path, params=params, headers=headers) as resp,
-        ):
-            return resp.status, await resp.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise HealthClientError(
-            f"no answer from the health server at {base_url} ({type(exc).__name__}: {exc}); "
-            "is `comfy-machine up` running, and is MACHINE_HEALTH_PORT right?"
-        ) from None
+    # No params: a query already in ``path`` stays as it is.
+    return await _request("GET", base_url, path, query or None, headers, wait + 10.0)
 
 
 async def post_health(
     base_url: str, path: str, headers: dict[str, str] | None = None, limit_s: float = 120.0
 ) -> tuple[int, dict[str, Any]]:
     """POST ``path`` (an operator action); status and JSON body, or HealthClientError."""
+    return await _request("POST", base_url, path, None, headers, limit_s)
+
+
+async def _request(
+    method: str,
+    base_url: str,
+    path: str,
+    params: dict[str, str] | None,
+    headers: dict[str, str] | None,
+    limit_s: float,
+) -> tuple[int, dict[str, Any]]:
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit_s)) as session,
-            session.post(base_url.rstrip("/") + path, headers=headers) as resp,
+            session.request(
+                method, base_url.rstrip("/") + path, params=params, headers=headers
+            ) as resp,
         ):
             return resp.status, await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
