@@ -37,8 +37,15 @@ AUTHOR = git.Actor("test", "test@example.invalid")
 STOP_BOUND_S = 10.0
 
 
+# Markers this test run made: the cleanup below kills only their processes, never those of
+# another run on the same machine.
+MARKERS: list[str] = []
+
+
 def new_marker() -> str:
-    return f"cm-orphan-{uuid.uuid4().hex[:12]}"
+    marker = f"cm-orphan-{uuid.uuid4().hex[:12]}"
+    MARKERS.append(marker)
+    return marker
 
 
 def marked(marker: str, env: bool = True) -> list[str]:
@@ -82,8 +89,10 @@ def no_leftovers_between_tests() -> Iterator[None]:
     yield
     # A failed test must not leave marked processes for the next one to trip on.
     for proc in psutil.process_iter(["cmdline"]):
-        if any("cm-orphan-" in part for part in proc.info["cmdline"] or []):
-            proc.kill()
+        argv = proc.info["cmdline"] or []
+        if any(marker in part for marker in MARKERS for part in argv):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 # Programs that leave TERM-ignoring children behind: one in their group, one in a session of its
@@ -96,7 +105,7 @@ for new_session in (False, True):
     subprocess.Popen([marker, "3600"], executable="sleep", start_new_session=new_session)
 print("started", flush=True)
 if then == "hang":
-    time.sleep(3600)
+    signal.pause()  # SIGTERM is ignored: only SIGKILL ends it
 sys.exit(int(then))
 """
 
@@ -149,10 +158,10 @@ def test_the_group_dies_with_a_sigkilled_parent() -> None:
     marker = new_marker()
     # A parent (the agent's stand-in here) that starts the launcher and is then SIGKILLed.
     parent_code = textwrap.dedent(f"""
-        import subprocess, sys, time
+        import signal, subprocess, sys
         from services.supervisor.launch import in_own_group
         subprocess.Popen(in_own_group([sys.executable, "-c", {LEAVER!r}, {marker!r}, "hang"]))
-        time.sleep(3600)
+        signal.pause()
     """)
     parent = subprocess.Popen([sys.executable, "-c", parent_code])
     try:
@@ -275,7 +284,7 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN)
 for new_session in (False, True):
     subprocess.Popen([marker, "3600"], executable="sleep", start_new_session=new_session)
 print("installing", flush=True)
-time.sleep(3600)
+signal.pause()  # SIGTERM is ignored: it hangs until its group is killed
 """
 NODE_FILES = {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n", "install.py": HANGING_INSTALL}
 

@@ -96,19 +96,18 @@ def test_fatal_is_started_again_and_ready_once_the_cause_is_gone(
 
     # A worker waits meanwhile; it sees each change, and it is 0 once the instance is ready.
     err_path = tmp_path / "wait-ready.err"
-    with err_path.open("w") as err:
-        waiter = subprocess.Popen(
-            [sys.executable, "-m", "machine", "wait-ready", "--gpu", "0", "--timeout", "60",
-             "--url", node.url],
-            stdout=subprocess.PIPE, stderr=err, text=True,
-        )
-    try:
-        wait_until(lambda: "waiting" in err_path.read_text(), 20, "a first progress line")
-        flag.unlink()  # the cause is gone: nobody touches the node
-        out, _ = waiter.communicate(timeout=60)
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
+    with err_path.open("w") as err, subprocess.Popen(
+        [sys.executable, "-m", "machine", "wait-ready", "--gpu", "0", "--timeout", "60",
+         "--url", node.url],
+        stdout=subprocess.PIPE, stderr=err, text=True,
+    ) as waiter:  # on any failure: killed, and its pipe closed (no leak into a later test)
+        try:
+            wait_until(lambda: "waiting" in err_path.read_text(), 20, "a first progress line")
+            flag.unlink()  # the cause is gone: nobody touches the node
+            out, _ = waiter.communicate(timeout=90)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
     lines = err_path.read_text().splitlines()
     assert waiter.returncode == 0, lines
     assert out.strip() == f"gpu 0 ready: http://127.0.0.1:{node.port_start}"
