@@ -195,13 +195,8 @@ class InstanceController:
 
     def _adopt_pid(self, inst: InstanceState, pid: int) -> None:
         """A new pid means a new process: forget the old one's facts and watch this one die."""
-        if inst.pid == pid:
-            return
-        inst.pid = pid
-        inst.reset_runtime()
-        inst.log_tail = []
-        inst.started_at = time.time()
-        self._watch(inst, pid)
+        if inst.adopt(pid, time.time()):
+            self._watch(inst, pid)
 
     def _watch(self, inst: InstanceState, pid: int) -> None:
         # A pidfd turns readable the instant the process exits; supervisord only reaps it on

@@ -110,6 +110,21 @@ class SupervisedProgram:
         """The agent holds its next start until ``next_start_at``."""
         return self.next_start_at is not None
 
+    def adopt(self, pid: int, now: float) -> bool:
+        """Record ``pid`` as its process; True when it is a new one (the old one's facts are
+        forgotten and the caller watches this one)."""
+        if self.pid == pid:
+            return False
+        self.pid = pid
+        self.reset_runtime()
+        self.log_tail = []
+        self.started_at = now
+        return True
+
+    def reset_runtime(self) -> None:
+        """Forget what was learned about the previous process (each kind adds its own)."""
+        self.pid_exited = False
+
 
 @dataclass
 class ProxyState(SupervisedProgram):
@@ -131,7 +146,7 @@ class ProxyState(SupervisedProgram):
         return self.process_alive and self.checked_pid == self.pid and self.check_failures < 2
 
     def reset_runtime(self) -> None:
-        self.pid_exited = False
+        super().reset_runtime()
         self.checked_pid = None
         self.check_failures = 0
         self.check_error = None
@@ -169,7 +184,7 @@ class InstanceState(SupervisedProgram):
 
     def reset_runtime(self) -> None:
         """Forget what was learned about the previous process."""
-        self.pid_exited = False
+        super().reset_runtime()
         self.last_probe = None
         self.probe_failures = 0
         self.smoke = None

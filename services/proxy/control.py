@@ -127,14 +127,8 @@ class ProxyControl:
         self.state.changed()
 
     def _adopt_pid(self, pid: int) -> None:
-        proxy = self.proxy
-        if proxy.pid == pid:
-            return
-        proxy.pid = pid
-        proxy.reset_runtime()
-        proxy.log_tail = []
-        proxy.started_at = time.time()
-        self._watch(pid)
+        if self.proxy.adopt(pid, time.time()):
+            self._watch(pid)
 
     def _watch(self, pid: int) -> None:
         """A pidfd: the proxy's death shows in health at once, not on supervisord's next turn."""
