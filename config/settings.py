@@ -10,6 +10,7 @@ import os
 import re
 import tomllib
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,24 @@ RESOLVED_PATH_FIELDS = (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _printable_no_spaces(token: str) -> bool:
+    return token.isprintable() and not any(c.isspace() for c in token)
+
+
+def _checked_secret(
+    value: SecretStr | None, min_length: int, allowed: Callable[[str], object], rule: str
+) -> SecretStr | None:
+    """A token setting's checks; the message never repeats the value (it is a secret)."""
+    if value is None:
+        return None
+    token = value.get_secret_value()
+    if len(token) < min_length:
+        raise ValueError(f"too short ({len(token)} characters)")
+    if not allowed(token):
+        raise ValueError(rule)
+    return value
 
 
 class Settings(BaseSettings):
@@ -321,30 +340,16 @@ class Settings(BaseSettings):
     @field_validator("machine_health_token")
     @classmethod
     def _token(cls, value: SecretStr | None) -> SecretStr | None:
-        # The message never repeats the value: it is a secret.
-        if value is None:
-            return None
-        token = value.get_secret_value()
-        if len(token) < MIN_TOKEN_LENGTH:
-            raise ValueError(f"too short ({len(token)} characters)")
-        if any(c.isspace() for c in token) or not token.isprintable():
-            raise ValueError("contains spaces or control characters")
-        return value
+        return _checked_secret(value, MIN_TOKEN_LENGTH, _printable_no_spaces,
+                               "contains spaces or control characters")
 
     @field_validator("comfyui_access_token")
     @classmethod
     def _access_token(cls, value: SecretStr | None) -> SecretStr | None:
-        # The message never repeats the value: it is a secret.
-        if value is None:
-            return None
-        token = value.get_secret_value()
-        if len(token) < MIN_ACCESS_TOKEN_LENGTH:
-            raise ValueError(f"too short ({len(token)} characters)")
-        if not ACCESS_TOKEN_CHARS.fullmatch(token):
-            raise ValueError(
-                "contains characters other than A-Z a-z 0-9 - . _ ~ (it goes into URLs)"
-            )
-        return value
+        return _checked_secret(
+            value, MIN_ACCESS_TOKEN_LENGTH, ACCESS_TOKEN_CHARS.fullmatch,
+            "contains characters other than A-Z a-z 0-9 - . _ ~ (it goes into URLs)",
+        )
 
     @field_validator("comfyui_listen", "machine_health_listen", "comfyui_public_listen")
     @classmethod
