@@ -13,6 +13,14 @@ server runs its own protocol on top of aiohttp's:
   the agent keeps its descriptors and, once the timeouts clear a flood, answers by itself;
 - the request line, each header line, the header count and the whole head are bounded
   (414, 431), and every error, the parser's included, is answered as JSON.
+
+Workers and probes poll a handful of answers all day, and aiohttp's per-request objects
+(request, task, response, headers) cost several times what those answers do. So a plain
+keep-alive ``GET`` of a path the app registers under FAST_ANSWER_KEY (no query, no body, HTTP/1.1)
+is answered by the protocol itself with the prepared bytes, straight after aiohttp's own parser
+has read it (strictness, bounds and errors stay aiohttp's); every other request takes the app's
+route as before. Answers leave in request order: a request is answered here only when nothing
+before it on the connection is still with the app.
 """
 
 from __future__ import annotations
@@ -21,12 +29,16 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -56,19 +68,69 @@ class HealthLimits:
             raise ValueError("max_line_size and max_field_size must differ")
 
 
-def raw_error(status: int, message: str, **headers: str) -> bytes:
-    """A complete HTTP/1.1 JSON error answer that closes the connection, for the places
-    where no request object exists (a refused connection, a head that never completes)."""
-    body = json.dumps({"status": "error", "error": message}).encode()
+# A path -> the complete HTTP answer for a plain GET of it now, or None: the app answers it.
+FastAnswer = Callable[[str], bytes | None]
+FAST_ANSWER_KEY = web.AppKey("fast_answer", FastAnswer)  # type: ignore[arg-type]
+
+
+class _HttpDate:
+    """The Date header's value, formatted once per second (as aiohttp does)."""
+
+    __slots__ = ("second", "text")
+
+    def __init__(self) -> None:
+        self.second, self.text = -1, ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self.second:
+            self.second, self.text = now, formatdate(now, usegmt=True)
+        return self.text
+
+
+http_date = _HttpDate()
+
+
+def http_answer(status: int, body: bytes, *, close: bool = False, **headers: str) -> bytes:
+    """A complete HTTP/1.1 JSON answer with the headers aiohttp's would carry (for the
+    answers the protocol sends itself)."""
     lines = [
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
         "Content-Type: application/json; charset=utf-8",
         f"Content-Length: {len(body)}",
         "Cache-Control: no-store",
-        "Connection: close",
+        f"Date: {http_date()}",
+        f"Server: {SERVER_SOFTWARE}",
+        *(["Connection: close"] if close else []),
         *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items()),
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def raw_error(status: int, message: str, **headers: str) -> bytes:
+    """A complete HTTP/1.1 JSON error answer that closes the connection, for the places
+    where no request object exists (a refused connection, a head that never completes)."""
+    body = json.dumps({"status": "error", "error": message}).encode()
+    return http_answer(status, body, close=True, **headers)
+
+
+class _FastParser:
+    """aiohttp's request parser, with the requests the protocol answers itself taken out of
+    what it hands to aiohttp."""
+
+    __slots__ = ("_parser", "_protocol")
+
+    def __init__(self, parser: Any, protocol: GuardedProtocol) -> None:
+        self._parser, self._protocol = parser, protocol
+
+    def feed_data(self, data: bytes) -> tuple[Sequence[Any], bool, bytes]:
+        messages, upgraded, tail = self._parser.feed_data(data)
+        if messages and not upgraded:
+            messages = self._protocol.answer_fast(messages)
+        return messages, upgraded, tail
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the parser's interface, unchanged
+        return getattr(self._parser, name)
 
 
 class GuardedProtocol(RequestHandler):
@@ -80,6 +142,8 @@ class GuardedProtocol(RequestHandler):
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = manager
+        if manager.fast_answer is not None:
+            self._parser = _FastParser(self._parser, self)
         self._admitted = False
         self._in_head = True  # waiting for (the rest of) a request head
         self._head_bytes = 0
@@ -127,6 +191,41 @@ class GuardedProtocol(RequestHandler):
         if self._request_count != requests_before:
             self._in_head, self._head_bytes = False, 0
             self._cancel_head_timer()
+
+    def answer_fast(self, messages: Sequence[Any]) -> Sequence[Any]:
+        """Answer the leading plain GETs of ``messages`` the app prepared bytes for; return
+        the rest, for aiohttp (in order: nothing is answered past one that waits for it)."""
+        if self._messages or self._request_in_progress or self.transport is None:
+            return messages
+        fast_answer = self._guard.fast_answer
+        assert fast_answer is not None
+        answered = 0
+        for message, payload in messages:
+            if (
+                message.method != "GET"
+                or message.version != HttpVersion11
+                or message.should_close
+                or message.upgrade
+                or payload is not EMPTY_PAYLOAD
+            ):
+                break
+            answer = fast_answer(message.path)
+            if answer is None:
+                break
+            self.transport.write(answer)
+            self._parser.message_consumed()
+            answered += 1
+        if not answered:
+            return messages
+        self._guard.fast_answered += answered
+        # As aiohttp after an answer: idle until the next head, closed after the idle timeout.
+        self._in_head, self._head_bytes = True, 0
+        self._cancel_head_timer()
+        close_time = self._loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+        return messages[answered:]
 
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -227,6 +326,8 @@ class GuardedServer(web.Server):
         self.limits = limits
         self.open_connections = 0
         self.refused_total = 0
+        self.fast_answer: FastAnswer | None = None
+        self.fast_answered = 0  # requests answered by the protocol itself
         self.refusal = raw_error(
             503,
             f"the health port holds its maximum of {limits.max_connections} connections; "
@@ -262,7 +363,7 @@ class HealthRunner(web.AppRunner):
         # are all we take from it.
         base = await super()._make_server()
         limits = self.limits
-        return GuardedServer(
+        server = GuardedServer(
             base.request_handler,
             request_factory=base.request_factory,
             limits=limits,
@@ -273,6 +374,8 @@ class HealthRunner(web.AppRunner):
             max_field_size=limits.max_field_size,
             max_headers=limits.max_headers,
         )
+        server.fast_answer = self.app.get(FAST_ANSWER_KEY)
+        return server
 
     @property
     def guarded(self) -> GuardedServer:

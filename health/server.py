@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from config.errors import LogFileRefused
 from health import checks
-from health.limits import HealthLimits, HealthRunner
+from health.limits import FAST_ANSWER_KEY, HealthLimits, HealthRunner, http_answer, http_date
 from health.metrics import MachineCollector, Snapshot, process_collectors, registry_of
 from services.logfile import lines_after, tail_lines
 from services.operator import OperatorActions
@@ -73,7 +73,8 @@ def _parse_wait(request: web.Request) -> float:
 class Answer:
     """One report, built once and serialized once: what waiters compare and the bytes sent."""
 
-    __slots__ = ("built", "code", "final", "payload", "ready", "token", "version")
+    __slots__ = ("_wire", "_wire_date", "built", "code", "final", "payload", "ready", "token",
+                 "version")
 
     def __init__(self, code: int, body: dict[str, Any], version: int, built: float) -> None:
         self.code, self.version, self.built = code, version, built
@@ -81,6 +82,14 @@ class Answer:
         self.final = bool(body.get("final"))
         self.token: str = body["progress_token"]
         self.payload = json.dumps(body).encode()
+        self._wire, self._wire_date = b"", ""
+
+    def wire(self) -> bytes:
+        """The whole HTTP answer (status line, headers, body), rebuilt when its Date changes."""
+        date = http_date()
+        if date is not self._wire_date:  # the same str object for a whole second
+            self._wire, self._wire_date = http_answer(self.code, self.payload), date
+        return self._wire
 
 
 class AnswerCache:
@@ -142,6 +151,50 @@ def _route(report: ReportFn) -> Callable[[web.Request], Any]:
     return handler
 
 
+# The answers served from the cache, by path; also the paths a plain GET of which the health
+# protocol answers itself (health/limits.py), with the same bytes.
+CACHED_ROUTES: dict[str, ReportFn] = {
+    "/health/comfyui": checks.node_report,
+    "/health/comfyui/installation": checks.installation_report,
+    "/health/comfyui/instances": checks.node_report,
+    "/health/comfyui/models": checks.models_report,
+    "/livez": checks.livez_report,
+    "/readyz": checks.readyz_report,
+}
+INSTANCE_PATH = "/health/comfyui/instances/"
+
+
+def _instance_report(gpu: int) -> ReportFn:
+    def report(st: MachineState, now: float) -> checks.Report:
+        found = checks.instance_report(st, gpu, now)
+        assert found is not None  # instances never disappear from a running node
+        return found
+
+    return report
+
+
+def _fast_answer(state: MachineState, cache: AnswerCache) -> Callable[[str], bytes | None]:
+    """The health protocol's shortcut: the answer to a plain GET of ``path`` as bytes, from
+    the same cache and keys as the routes; None for every other path."""
+    routes: dict[str, tuple[object, ReportFn]] = {
+        path: (report, report) for path, report in CACHED_ROUTES.items()
+    }
+
+    def answer(path: str) -> bytes | None:
+        route = routes.get(path)
+        if route is None:
+            if not path.startswith(INSTANCE_PATH):
+                return None
+            gpu = path[len(INSTANCE_PATH):]
+            # Only the canonical spelling of a known GPU ("0", never "00" or "+0").
+            if not gpu.isdigit() or str(int(gpu)) != gpu or int(gpu) not in state.instances:
+                return None
+            route = routes[path] = (("instance", int(gpu)), _instance_report(int(gpu)))
+        return cache.get(*route).wire()
+
+    return answer
+
+
 def _instance_gpu(request: web.Request) -> int | web.Response:
     """The {gpu} of the path if the node has it; else the JSON 400 or 404 to answer."""
     raw = request.match_info["gpu"]
@@ -160,13 +213,7 @@ async def _instance(request: web.Request) -> web.Response:
     gpu = _instance_gpu(request)
     if isinstance(gpu, web.Response):
         return gpu
-
-    def report(st: MachineState, now: float) -> checks.Report:
-        found = checks.instance_report(st, gpu, now)
-        assert found is not None  # instances never disappear from a running node
-        return found
-
-    return await _answer(request, report, ("instance", gpu))
+    return await _answer(request, _instance_report(gpu), ("instance", gpu))
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -304,23 +351,18 @@ def create_app(
     app = web.Application(middlewares=[_json_errors])
     app[STATE_KEY] = state
     app[ANSWERS_KEY] = AnswerCache(state)
+    app[FAST_ANSWER_KEY] = _fast_answer(state, app[ANSWERS_KEY])
     app[LOG_TOKEN_KEY] = log_token.encode() if log_token else None
     app[ACTIONS_KEY] = actions
     app[COLLECTOR_KEY] = MachineCollector(state)
     app[PROCESS_COLLECTORS_KEY] = process_collectors()
-    app.router.add_get("/health/comfyui", _route(checks.node_report))
-    app.router.add_get(
-        "/health/comfyui/installation", _route(checks.installation_report)
-    )
-    app.router.add_get("/health/comfyui/instances", _route(checks.node_report))
+    for path, report in CACHED_ROUTES.items():
+        app.router.add_get(path, _route(report))
     app.router.add_get("/health/comfyui/instances/{gpu}", _instance)
     app.router.add_get("/health/comfyui/instances/{gpu}/log", _instance_log)
     for action in ("restart", "drain", "undrain"):
         app.router.add_post(f"/health/comfyui/instances/{{gpu}}/{action}", _operator_action(action))
     app.router.add_post("/health/comfyui/gpus/{gpu}/retest", _operator_action("retest"))
-    app.router.add_get("/health/comfyui/models", _route(checks.models_report))
-    app.router.add_get("/livez", _route(checks.livez_report))
-    app.router.add_get("/readyz", _route(checks.readyz_report))
     app.router.add_get("/metrics", _metrics)
     return app
 

@@ -117,9 +117,6 @@ class Supervisord:
                 *argv,
                 # Without the secrets the instances must not inherit (INSTANCE_PASS_ENV).
                 env=self.plan.inherited_env(os.environ),
-                # The logs it creates (its own, every instance's) are 0640; each program
-                # sets its own umask (conf.py).
-                umask=0o027,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,

@@ -75,7 +75,13 @@ def patch_loggers() -> None:
     setattr(loggers, _PATCHED, True)
 
 
+# The logs supervisord creates (its own, every instance's) are 0640; each program sets its own
+# umask (conf.py). Set here, not by the agent's spawn: uvloop's subprocess_exec has no umask=.
+SUPERVISORD_UMASK = 0o027
+
+
 def main() -> None:
+    os.umask(SUPERVISORD_UMASK)
     patch_loggers()
     from supervisor.supervisord import main as supervisord_main
 

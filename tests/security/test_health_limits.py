@@ -19,10 +19,10 @@ import aiohttp
 import pytest
 
 from health.limits import LINGER_S, GuardedServer, HealthLimits
-from health.server import start_health_server
+from health.server import CACHED_ROUTES, start_health_server
 from services.fdlimit import FD_RESERVE, FdBudget
 from services.state import MachineState, Phase
-from tests.security.wire import Conn, parse
+from tests.security.wire import Answer, Conn, parse
 from tests.unit.test_checks import instance, make_ready, node
 
 Serve = Callable[..., Awaitable[tuple[int, GuardedServer]]]
@@ -117,6 +117,7 @@ async def test_idle_keep_alive_closes_after_the_idle_timeout_not_the_head_timeou
         _, raw = await conn.until_closed(5)
         idle = time.monotonic() - answered
         assert raw == b"" and 1.3 < idle < 3.0, idle  # closed quietly, by the idle timeout
+        assert server.fast_answered == 2  # answered by the protocol: its keep-alive timer too
     finally:
         await conn.close()
     await all_released(server)
@@ -267,3 +268,99 @@ def test_the_agent_raises_its_soft_open_files_limit_to_the_hard_one() -> None:
     budget_soft, soft = map(int, out.stdout.split())
     expected = hard if hard != resource.RLIM_INFINITY else budget_soft
     assert soft == budget_soft == expected and soft > 256
+
+
+# The answers the health protocol sends itself (plain keep-alive GETs of the cached routes).
+CACHED_PATHS = [*CACHED_ROUTES, "/health/comfyui/instances/0"]
+
+
+async def read_answer(conn: Conn) -> Answer:
+    async with asyncio.timeout(10):
+        answer = parse(await conn.reader.readuntil(b"\r\n\r\n"))
+        answer.body = await conn.reader.readexactly(int(answer.headers["content-length"]))
+    return answer
+
+
+@pytest.mark.parametrize("path", CACHED_PATHS)
+async def test_a_plain_get_is_answered_by_the_protocol_with_the_apps_answer(
+    serve: Serve, path: str
+) -> None:
+    port, server = await serve(HealthLimits())
+    conn = await Conn.open(port)
+    try:
+        fast = await conn.request(path)
+        assert server.fast_answered == 1
+        # ?wait=0 changes nothing in the answer but takes the app's route.
+        routed = await conn.request(path + ("&" if "?" in path else "?") + "wait=0")
+        assert server.fast_answered == 1
+    finally:
+        await conn.close()
+    assert (fast.status, fast.body) == (routed.status, routed.body)
+    assert fast.json()["status"] in ("ready", "alive")
+    without_date = [{k: v for k, v in a.headers.items() if k != "date"} for a in (fast, routed)]
+    assert without_date[0] == without_date[1]
+    assert fast.headers["date"].endswith(" GMT") and fast.headers["cache-control"] == "no-store"
+
+
+async def test_pipelined_requests_are_answered_in_order_across_both_paths(serve: Serve) -> None:
+    port, server = await serve(HealthLimits())
+    conn = await Conn.open(port)
+    paths = ["/readyz", "/health/comfyui?wait=0", "/livez", "/no/such/route", "/readyz"]
+    try:
+        conn.send(b"".join(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in paths))
+        answers = [await read_answer(conn) for _ in paths]
+        # Only the first: once a request waits for the app, what follows it waits its turn.
+        assert server.fast_answered == 1
+        one_by_one = [await conn.request(p) for p in paths]
+    finally:
+        await conn.close()
+    assert [a.status for a in answers] == [200, 200, 200, 404, 200]
+    assert [a.body for a in answers] == [a.body for a in one_by_one]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "closes"),
+    [
+        (b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n", 200, False),
+        (b"POST /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 405, False),
+        (b"GET /readyz HTTP/1.0\r\n\r\n", 200, True),
+        (b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 200, True),
+        (b"GET /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 200, False),
+        (b"GET /health/comfyui/instances/7 HTTP/1.1\r\nHost: x\r\n\r\n", 404, False),
+        (b"GET /health/comfyui/instances/00 HTTP/1.1\r\nHost: x\r\n\r\n", 200, False),
+        (b"GET /readyz/ HTTP/1.1\r\nHost: x\r\n\r\n", 404, False),
+    ],
+    ids=["head", "post", "http1.0", "connection-close", "body", "unknown-gpu", "gpu-00",
+         "slash"],
+)
+async def test_what_the_protocol_does_not_answer_goes_to_the_app(
+    serve: Serve, raw: bytes, status: int, closes: bool
+) -> None:
+    port, server = await serve(HealthLimits())
+    conn = await Conn.open(port)
+    try:
+        conn.send(raw)
+        async with asyncio.timeout(10):
+            answer = parse(await conn.reader.readuntil(b"\r\n\r\n"))
+            if not raw.startswith(b"HEAD"):
+                answer.body = await conn.reader.readexactly(int(answer.headers["content-length"]))
+        assert answer.status == status
+        assert closes != await conn.is_open_after(0.05)
+    finally:
+        await conn.close()
+    assert server.fast_answered == 0
+
+
+async def test_a_state_change_shows_in_the_next_protocol_answer(serve: Serve) -> None:
+    state = node(make_ready(instance(0)))
+    port, server = await serve(HealthLimits(), state)
+    conn = await Conn.open(port)
+    try:
+        assert (await conn.request("/readyz")).json()["status"] == "ready"
+        state.draining = True
+        state.changed()
+        after = await conn.request("/readyz")
+    finally:
+        await conn.close()
+    assert after.status == 503 and after.json()["status"] != "ready"
+    assert server.fast_answered == 2
