@@ -94,6 +94,35 @@ def crash_to_new_pid(node: Node) -> float:
     return elapsed
 
 
+IDLE_GPUS = 8
+IDLE_SECONDS = 10.0
+
+
+def idle_cost(scratch: Path, url: str, commit: str) -> dict[str, float]:
+    """A ready node of IDLE_GPUS instances at the default probe interval: the agent's RSS and
+    its CPU (and supervisord's) over IDLE_SECONDS with no client (issue 14: <= 80 MB, < 0.5 %)."""
+    node = Node(scratch / "ws-idle", {"COMFYUI_REPO": url, "COMFYUI_REF": commit,
+                                      "PROBE_INTERVAL": "5"}, gpus=IDLE_GPUS)
+    try:
+        node.start()
+        node.wait_ready(120)
+        agent = psutil.Process(node.proc.pid)  # type: ignore[union-attr]
+        supervisord = agent.children()[0]
+        time.sleep(2.0)  # the boot's own work (imports, smoke prompts) settled
+        procs = {"agent": agent, "supervisord": supervisord}
+        before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+        time.sleep(IDLE_SECONDS)
+        cpu = {name: (sum(p.cpu_times()[:2]) - before[name]) / IDLE_SECONDS * 100
+               for name, p in procs.items()}
+        return {
+            f"agent_rss_mib_{IDLE_GPUS}_instances": round(agent.memory_info().rss / 2**20, 1),
+            "agent_idle_cpu_pct": round(cpu["agent"], 2),
+            "supervisord_idle_cpu_pct": round(cpu["supervisord"], 2),
+        }
+    finally:
+        node.kill_everything()
+
+
 async def _load(url: str) -> list[float]:
     latencies: list[float] = []
     connector = aiohttp.TCPConnector(limit=CLIENTS)
@@ -188,6 +217,7 @@ def main() -> int:
         results["warm_up_to_ready_s"] = round(statistics.median(warm), 3)
         results["warm_up_overhead_s"] = round(statistics.median(warm) - statistics.median(bare), 3)
         results["warm_up_ratio"] = round(statistics.median(warm) / statistics.median(bare), 2)
+        results.update(idle_cost(scratch, url, commit))
         node.start()
         node.wait_ready()
         crashes = [crash_to_503(node) for _ in range(args.runs)]

@@ -8,13 +8,11 @@ import json
 import logging
 import os
 import re
-import tomllib
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -24,6 +22,7 @@ from pydantic_settings import (
 
 from config.errors import ConfigError, Problem
 from config.git_input import GitAuth, redact_urls, ref_problem, url_problem
+from config.health_address import CONFIG_ENV, HEALTH_LISTEN_DEFAULT, HEALTH_PORT_DEFAULT
 from config.models import ENV_NAME, ModelEntry, build_model_specs
 from config.nodes import (
     DEFAULT_REGISTRY_URL,
@@ -35,7 +34,6 @@ from config.nodes import (
     snapshot_nodes,
 )
 
-CONFIG_ENV = "MACHINE_CONFIG"
 # Settings whose value an error message must never show.
 SECRET_FIELDS = frozenset({"machine_health_token", "comfyui_access_token"})
 MIN_TOKEN_LENGTH = 16
@@ -202,8 +200,14 @@ class Settings(BaseSettings):
         5, ge=0, le=100, description="retries of a dropped model download (with backoff), 0-100"
     )
     machine_workspace: Path = Field(Path("/workspace"), description="a writable directory")
-    machine_health_port: int = Field(9188, ge=1, le=65535, description="a TCP port, 1-65535")
-    machine_health_listen: str = Field("0.0.0.0", description="an IPv4 or IPv6 address")
+    # The defaults live in config/health_address.py, which the CLI reads them with without
+    # loading Settings (`status`, `wait-ready`: issue 14).
+    machine_health_port: int = Field(
+        HEALTH_PORT_DEFAULT, ge=1, le=65535, description="a TCP port, 1-65535"
+    )
+    machine_health_listen: str = Field(
+        HEALTH_LISTEN_DEFAULT, description="an IPv4 or IPv6 address"
+    )
     machine_health_idle_timeout: float = Field(
         30.0, gt=0, le=3600,
         description="seconds an idle keep-alive connection to the health port stays open, "
@@ -213,6 +217,11 @@ class Settings(BaseSettings):
         10_000, ge=10, le=1_000_000,
         description="open connections the health port holds before refusing new ones, "
         "10-1000000 (lowered to stay below the open-files limit)",
+    )
+    machine_event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio",
+        description="the agent's event loop: asyncio (the standard library's) or uvloop "
+        "(pip install 'comfy-machine[uvloop]')",
     )
     machine_health_token: SecretStr | None = Field(
         None,
@@ -401,6 +410,8 @@ def _describe_source(field: str, env: dict[str, str], toml_path: Path | None) ->
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # here: only a MACHINE_CONFIG file needs it (the CLI starts faster, issue 14)
+
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
@@ -833,6 +844,8 @@ def _custom_nodes(
     path = settings.custom_nodes_snapshot
     if path is not None:
         source = f"custom_nodes_snapshot ({path})"
+        import yaml  # here: only a snapshot file needs it (the CLI starts faster, issue 14)
+
         try:
             text = path.read_text()
             data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)

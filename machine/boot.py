@@ -15,45 +15,41 @@ from pathlib import Path
 import aiohttp
 
 from config.errors import InstallError, MachineError
-from config.git_input import GitAuth, split_userinfo
 from config.settings import (
     Settings,
-    custom_node_auth,
-    custom_node_specs,
-    instance_withheld_env,
 )
 from health.checks import node_report
 from health.limits import HealthLimits
 from health.server import start_health_server
-from services.backoff import policy_from as backoff_policy
+from machine.warm_start import (
+    Launched,
+    install_inputs,
+    launch,
+    new_state,
+    stop_launched,
+    warm_launch,
+)
 from services.disk import watch_workspace
 from services.drain import drain
 from services.fdlimit import raise_fd_limit
-from services.gpu.guard import prepare_gpus
 from services.install.git_launcher import use_group_git
 from services.install.installer import (
     Installer,
-    InstallInputs,
     InstallReport,
     StepCallback,
-    default_base_python,
     node_state,
 )
 from services.instances import InstanceController
-from services.models.download import FetchOptions
 from services.models.step import fetch_background, models_step
 from services.operator import OperatorActions
 from services.plan import NodePlan
 from services.probes import InstanceProber, ProbeSettings
 from services.process_group import run_blocking, wind_down
-from services.proxy.control import write_proxy_config
 from services.proxy.probe import ProxyProber
 from services.state import (
-    InstanceState,
     MachineState,
     NodeStatus,
     Phase,
-    ProxyState,
     StepStatus,
 )
 from services.supervisor.launch import DEFAULT_GRACE_S, refuse_launches
@@ -67,35 +63,6 @@ WIND_DOWN_S = DEFAULT_GRACE_S + 2.0
 INSTALL_BACKOFF_S = 5.0
 INSTALL_BACKOFF_MAX_S = 60.0
 EXIT_GRACE_S = 3.0
-
-
-def install_inputs(settings: Settings) -> InstallInputs:
-    """What the install phase works from (custom nodes resolved from env, TOML, snapshot)."""
-    specs, comfyui_ref = custom_node_specs(settings)
-    # Credentials in COMFYUI_REPO reach git through its environment only, never the lock.
-    comfyui_url, comfyui_userinfo = split_userinfo(settings.comfyui_repo)
-    return InstallInputs(
-        comfyui_url=comfyui_url,
-        comfyui_ref=comfyui_ref,
-        install_path=settings.install_path,
-        nodes=tuple(specs),
-        python=settings.python,
-        venv=settings.venv_path,
-        base_python=default_base_python(),
-        protected=tuple(settings.protected_packages),
-        on_conflict=settings.on_conflict,
-        install_py_timeout=settings.install_py_timeout,
-        workers=settings.install_workers,
-        workspace=settings.machine_workspace,
-        min_free_bytes=int(settings.install_min_free_gb * 2**30),
-        git_timeout=settings.git_timeout,
-        git_retries=settings.git_retries,
-        comfyui_auth=GitAuth(userinfo=comfyui_userinfo) if comfyui_userinfo else None,
-        node_auth=custom_node_auth(settings),
-        withheld_env=instance_withheld_env(settings),
-        registry_url=settings.comfy_registry_url,
-        registry_options=FetchOptions(retries=settings.download_retries),
-    )
 
 
 def record_step(state: MachineState) -> StepCallback:
@@ -118,10 +85,13 @@ def record_step(state: MachineState) -> StepCallback:
     return lambda *args: loop.call_soon_threadsafe(apply, *args)
 
 
-def _run_installer(installer: Installer, run_dir: Path) -> InstallReport:
+def _run_installer(installer: Installer, run_dir: Path, verify_only: bool) -> InstallReport | None:
+    report = installer.verify()
+    if report is not None or verify_only:
+        return report
     # gitpython's git through the group launcher: a killed agent leaves no git behind.
     use_group_git(run_dir)
-    return installer.run()
+    return installer.install()
 
 
 async def _install(settings: Settings, plan: NodePlan, state: MachineState) -> None:
@@ -154,7 +124,11 @@ async def _install(settings: Settings, plan: NodePlan, state: MachineState) -> N
         state.install_next_attempt_at = None
 
 
-async def _install_once(settings: Settings, plan: NodePlan, state: MachineState) -> None:
+async def _install_once(
+    settings: Settings, plan: NodePlan, state: MachineState, verify_only: bool = False
+) -> bool:
+    """Verify, and unless ``verify_only`` install, what the inputs ask for; False when only
+    verifying found something to install."""
     installer = Installer(install_inputs(settings), record_step(state))
     # Listed while installing; the installer's own records replace these when it is done.
     state.custom_nodes = {
@@ -163,12 +137,17 @@ async def _install_once(settings: Settings, plan: NodePlan, state: MachineState)
     }
     # A daemon thread: a stop cancels this await and ends the groups the thread waits on
     # (wind_down); the agent's exit never waits for it.
-    report = await run_blocking(_run_installer, installer, plan.run_dir, name="install")
+    report = await run_blocking(
+        _run_installer, installer, plan.run_dir, verify_only, name="install"
+    )
+    if report is None:
+        return False
     state.custom_nodes = {node.name: node for node in report.nodes}
     if not (settings.install_path / "main.py").is_file():
         raise InstallError(f"ComfyUI: {installer.inputs.comfyui_url}@{settings.comfyui_ref} has no "
                            "main.py; COMFYUI_REPO must be a ComfyUI repository")
     state.changed()
+    return True
 
 
 async def _notify_when_ready(state: MachineState, on_ready: Callable[[], None]) -> None:
@@ -202,15 +181,18 @@ async def run_node(
     stop: asyncio.Event,
     on_ready: Callable[[], None] | None = None,
     stop_now: asyncio.Event | None = None,
+    state: MachineState | None = None,
+    launched: asyncio.Future[Launched] | None = None,
 ) -> int:
     """Boot, serve and supervise until ``stop`` is set; then drain (no new work; running and
     queued prompts finish, up to DRAIN_TIMEOUT, or until ``stop_now`` is set) and stop
-    everything. Exit code."""
+    everything. Exit code. ``state`` and ``launched``: a warm start already under way
+    (machine/warm_start.py); without them, run_node begins it."""
     stop_now = stop_now if stop_now is not None else asyncio.Event()
-    state = MachineState(max_queue_depth=settings.max_queue_depth)
-    state.proxy = ProxyState(plan=plan.proxy) if plan.proxy is not None else None
-    state.instances = {i.gpu: InstanceState(plan=i, proxy=state.proxy) for i in plan.instances}
     limits = health_limits(settings)
+    if state is None:
+        state = new_state(settings, plan)
+        launched = warm_launch(settings, plan, state)
     token = settings.machine_health_token
     actions = OperatorActions(settings, plan, state)  # the controller joins once it runs
     try:
@@ -219,6 +201,7 @@ async def run_node(
             token.get_secret_value() if token else None, actions,
         )
     except OSError as exc:
+        await stop_launched(None, launched)
         raise MachineError(
             f"MACHINE_HEALTH_PORT={plan.health_port}: cannot serve health on "
             f"{plan.health_listen}:{plan.health_port} ({exc.strerror}); free the port or "
@@ -236,7 +219,7 @@ async def run_node(
     )
     try:
         stop_wait = asyncio.ensure_future(stop.wait())
-        boot = asyncio.ensure_future(_boot(settings, plan, state))
+        boot = asyncio.ensure_future(_boot(settings, plan, state, launched))
         await asyncio.wait({stop_wait, boot}, return_when=asyncio.FIRST_COMPLETED)
         if not boot.done():
             boot.cancel()
@@ -265,9 +248,7 @@ async def run_node(
         await asyncio.gather(*tasks, disk_watch, return_exceptions=True)
         # What the boot was running (git, uv, install.py) ends with its whole process group,
         # while supervisord stops the instances.
-        await asyncio.gather(
-            wind_down(WIND_DOWN_S), controller.stop() if controller else asyncio.sleep(0)
-        )
+        await asyncio.gather(wind_down(WIND_DOWN_S), stop_launched(controller, launched))
         await runner.cleanup()
         log.info("stopped")
     return code
@@ -314,50 +295,45 @@ async def _supervise(
 
 
 async def _boot(
-    settings: Settings, plan: NodePlan, state: MachineState
+    settings: Settings,
+    plan: NodePlan,
+    state: MachineState,
+    launched: asyncio.Future[Launched] | None = None,
 ) -> tuple[InstanceController | None, list[asyncio.Task[None]]]:
-    """INSTALLING -> DOWNLOADING -> STARTING; on failure set FAILED and return no controller."""
+    """INSTALLING -> DOWNLOADING -> STARTING; on failure set FAILED and return no controller.
+
+    A warm boot (``launched``: run_node started the instances first, see warm_launch)
+    verifies the installation while they start. If what is on disk no longer matches the lock,
+    the instances are stopped and the install runs as on a cold boot. Nothing is probed (so
+    nothing reported ready) before the boot is done."""
+    controller: InstanceController | None = None
     try:
-        if plan.instances:
+        if launched is not None:
+            state.set_phase(Phase.INSTALLING)
+            verified = await _install_once(settings, plan, state, verify_only=True)
+            controller, sampler = await launched
+            await controller.attach()
+            if not verified:
+                log.warning("warm start: the installation no longer matches its lock; stopping "
+                            "the instances to install")
+                await controller.stop_instances()
+                await _install(settings, plan, state)
+        elif plan.instances:
             await _install(settings, plan, state)
         state.set_phase(Phase.DOWNLOADING)
         fetcher = await models_step(
             settings, state, plan.extra_model_paths, plan.extra_model_paths_yaml
         )
         state.set_phase(Phase.STARTING)
-        for directory in plan.instance_dirs:
-            directory.mkdir(parents=True, exist_ok=True)
-        # GPU mode: NVML inventory and the sentinel self-test before any instance starts.
-        sampler = await prepare_gpus(settings, plan, state)
-        if plan.proxy is not None and settings.comfyui_access_token is not None:
-            # The token goes into the proxy's config file (0600), never into a command line.
-            write_proxy_config(plan.proxy, settings.comfyui_access_token)
-        controller = InstanceController(
-            plan, state, settings.probe_interval, backoff_policy(settings)
-        )
-        if sampler is not None:
-            sampler.quarantine = controller.quarantine
-        try:
-            await controller.start()
-        except (MachineError, asyncio.CancelledError):
-            # Whatever got started (supervisord, the event socket) must not outlive the boot.
-            await asyncio.shield(controller.stop())
-            raise
-    except MachineError as exc:
-        log.error("boot failed", extra={"fields": {"phase": state.phase.value, "error": str(exc)}})
-        state.set_phase(Phase.FAILED, str(exc), state.phase.value.lower())
-        return None, []
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return _boot_crashed(state, exc)
-        # A full disk is the operator's to fix, not a bug: say so, keep health up.
-        reason = (f"disk full: {exc}; free space in {settings.machine_workspace} "
-                  "(or use a larger volume) and restart the node")
-        log.error("boot failed", extra={"fields": {"phase": state.phase.value, "error": reason}})
-        state.set_phase(Phase.FAILED, reason, state.phase.value.lower())
-        return None, []
+        if controller is None:
+            controller, sampler = await launch(settings, plan, state, start_now=False)
     except Exception as exc:
-        return _boot_crashed(state, exc)
+        # Whatever got started (supervisord, the instances) must not outlive the boot.
+        await asyncio.shield(stop_launched(controller, launched))
+        return _boot_failed(settings, state, exc)
+    except asyncio.CancelledError:
+        await asyncio.shield(stop_launched(controller, launched))
+        raise
     session = aiohttp.ClientSession()
     probe_settings = ProbeSettings(
         interval=settings.probe_interval,
@@ -383,6 +359,22 @@ async def _boot(
         tasks.append(asyncio.create_task(sampler.run(), name="gpu-sampler"))
     state.set_phase(Phase.RUNNING)
     return controller, tasks
+
+
+def _boot_failed(
+    settings: Settings, state: MachineState, exc: Exception
+) -> tuple[InstanceController | None, list[asyncio.Task[None]]]:
+    """FAILED with the reason: bad input, a full disk (the operator's to fix), or a bug."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = (f"disk full: {exc}; free space in {settings.machine_workspace} "
+                  "(or use a larger volume) and restart the node")
+    elif isinstance(exc, MachineError):
+        reason = str(exc)
+    else:
+        return _boot_crashed(state, exc)
+    log.error("boot failed", extra={"fields": {"phase": state.phase.value, "error": reason}})
+    state.set_phase(Phase.FAILED, reason, state.phase.value.lower())
+    return None, []
 
 
 def _boot_crashed(

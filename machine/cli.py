@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from config.errors import ConfigError, MachineError
-from machine.logs import setup_logging
+from config.health_address import env_health_address, health_base_url
 
 # Each command imports what it uses, in its own function: `status`, `wait-ready` and `plan`
 # start fast as whole processes (issue 14): none of them pays for the
-# pydantic-settings, aiohttp, boot services, gitpython or prometheus it does not use.
+# pydantic-settings, aiohttp, boot services, gitpython or prometheus it does not use. The
+# commands that ask a running node (status, wait-ready, logs, the operator actions) use the
+# standard library's HTTP client and find the node without Settings in the common case.
 if TYPE_CHECKING:
     from config.settings import Settings
     from services.plan import NodePlan
@@ -31,6 +33,24 @@ def load_settings(**overrides: Any) -> Settings:
     return load(**overrides)
 
 
+def setup_logging(level: str) -> None:
+    """machine.logs.setup_logging, imported on first use (see ASKING_COMMANDS)."""
+    from machine.logs import setup_logging as setup
+
+    setup(level.upper())
+
+
+# Commands that only ask a running node over HTTP. They log nothing themselves, so logging
+# (~10 ms of their start: issue 14) is set up only when they read Settings, which can log.
+ASKING_COMMANDS = frozenset({"status", "logs", "wait-ready", "restart", "drain", "undrain"})
+
+
+def _asking_settings(args: argparse.Namespace) -> Settings:
+    """Settings for a command that asks a running node, with logging set up first."""
+    setup_logging(args.log_level)
+    return load_settings()
+
+
 def _plan(settings: Settings) -> NodePlan:
     from machine.planning import build_plan, nvml_for
 
@@ -39,9 +59,10 @@ def _plan(settings: Settings) -> NodePlan:
 
 def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | None = None) -> int:
     import asyncio
+    import importlib
     import signal
 
-    from machine.boot import exit_if_stuck, run_node
+    from machine.warm_start import new_state, warm_launch
 
     async def main() -> int:
         stop, stop_now = asyncio.Event(), asyncio.Event()
@@ -54,12 +75,19 @@ def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | No
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        code = await run_node(settings, plan, stop, on_ready, stop_now)
+        state = new_state(settings, plan)
+        launched = warm_launch(settings, plan, state)
+        # The rest of the agent (health server, installer, HTTP clients: ~0.5 s of imports) loads
+        # in a thread while a warm launch starts supervisord and the instances on this loop.
+        boot = await asyncio.to_thread(importlib.import_module, "machine.boot")
+        code: int = await boot.run_node(settings, plan, stop, on_ready, stop_now, state, launched)
         # Stopped: a thread still blocked (say in a download) must not keep the agent alive.
-        exit_if_stuck(code)
+        boot.exit_if_stuck(code)
         return code
 
-    return asyncio.run(main())
+    from machine.event_loop import run
+
+    return run(main(), settings.machine_event_loop)
 
 
 def _own(workspace: Path, command: str, source: str = "MACHINE_WORKSPACE") -> WorkspaceLock:
@@ -102,8 +130,7 @@ def _demo(args: argparse.Namespace, workspace: Path) -> int:
         **listen,
     )
     plan = _plan(settings)
-    host = "127.0.0.1" if plan.health_listen in ("0.0.0.0", "::") else plan.health_listen
-    health = f"http://{host}:{plan.health_port}"
+    health = health_base_url(plan.health_listen, plan.health_port)
 
     def announce() -> None:
         print(
@@ -213,60 +240,83 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _health_base(args: argparse.Namespace) -> str:
-    if args.url:
-        return args.url
-    settings = load_settings()
-    host = settings.machine_health_listen
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return f"http://{host}:{settings.machine_health_port}"
+    """--url, or the health server's address from the settings: read from the environment
+    alone when that tells (no pydantic to load), from Settings when only they can."""
+    if getattr(args, "url", None):
+        return str(args.url)
+    address = env_health_address(os.environ)
+    if address is None:  # a MACHINE_CONFIG file, or a value only Settings reads (or refuses)
+        settings = _asking_settings(args)
+        address = settings.machine_health_listen, settings.machine_health_port
+    return health_base_url(*address)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """A table, one line per instance (reasons cut to a terminal's width, whole through a pipe
     so scripts can grep them); the /health/comfyui body as JSON with --json."""
-    import asyncio
-
     from machine.health_client import get_health
 
     base = _health_base(args)
-    code, body = asyncio.run(get_health(base, "/health/comfyui"))
+    code, body = get_health(base, "/health/comfyui")
     if args.json:
         print(json.dumps(body, indent=2))
     else:
-        gpus = asyncio.run(_gpu_facts(base))
+        gpus = _gpu_facts(base)
         width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 100_000
         print(status_table(code, body, gpus, width))
     return 0 if code == 200 else 1
 
 
-async def _gpu_facts(base_url: str) -> dict[str, tuple[float | None, float | None]]:
+# The /metrics families the status table shows, and their place in its (TEMP, MEM) pair.
+GPU_FACTS = {
+    "comfy_machine_gpu_temperature_celsius": 0,
+    "comfy_machine_gpu_framebuffer_used_bytes": 1,
+}
+
+
+def _gpu_facts(base_url: str) -> dict[str, tuple[float | None, float | None]]:
     """GPU UUID -> (temperature in °C, framebuffer used bytes) from the node's /metrics.
 
     The health JSON does not carry NVML samples; /metrics does. Empty when unreachable."""
-    import aiohttp
-    from prometheus_client.parser import text_string_to_metric_families
+    from config.errors import HealthClientError
+    from machine.health_client import request
 
     try:
-        timeout = aiohttp.ClientTimeout(total=5.0)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(base_url.rstrip("/") + "/metrics") as resp,
-        ):
-            text = await resp.text()
-        families = list(text_string_to_metric_families(text))
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+        _, raw = request("GET", base_url, "/metrics", limit_s=5.0)
+        return gpu_facts(raw.decode("utf-8", "replace"))
+    except (HealthClientError, ValueError):
         return {}
+
+
+def gpu_facts(text: str) -> dict[str, tuple[float | None, float | None]]:
+    """GPU UUID -> (temperature, framebuffer used) from Prometheus text (/metrics' default).
+
+    Reads only the lines of the GPU_FACTS gauges: prometheus_client's parser would parse every
+    family, and importing it alone costs `status` ~25 ms (issue 14)."""
+    import re
+
+    # name{label="value",...} value [timestamp]; a label value escapes \\, \" and \n. Greedy
+    # braces: a label value may itself hold "} ".
+    sample = re.compile(r"(\w+)\{(.*)\}[ \t]+(\S+)(?:[ \t]+\S+)?[ \t]*")
+    label = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+    names = tuple(GPU_FACTS)
     facts: dict[str, list[float | None]] = {}
-    wanted = {
-        "comfy_machine_gpu_temperature_celsius": 0,
-        "comfy_machine_gpu_framebuffer_used_bytes": 1,
-    }
-    for family in families:
-        for sample in family.samples:
-            if sample.name in wanted and "UUID" in sample.labels:
-                facts.setdefault(sample.labels["UUID"], [None, None])[wanted[sample.name]] = (
-                    sample.value
-                )
+    for line in text.splitlines():
+        if not line.startswith(names):  # most lines: other families, comments
+            continue
+        match = sample.fullmatch(line)
+        if match is None or match[1] not in GPU_FACTS:
+            continue
+        labels = {
+            key: re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], value)
+            for key, value in label.findall(match[2])
+        }
+        if "UUID" in labels:
+            try:
+                value = float(match[3])
+            except ValueError:
+                continue
+            facts.setdefault(labels["UUID"], [None, None])[GPU_FACTS[match[1]]] = value
     return {uuid: (temp, used) for uuid, (temp, used) in facts.items()}
 
 
@@ -333,10 +383,8 @@ FOLLOW_POLL_S = 0.5
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Print an instance's last log lines; with -f keep printing what is appended."""
-    import asyncio
-
     try:
-        return asyncio.run(_logs(_health_base(args), args.gpu, args.tail, args.follow))
+        return _logs(args, _health_base(args))
     except KeyboardInterrupt:  # Ctrl-C ends a follow: not an error
         return 0
 
@@ -348,11 +396,9 @@ def cmd_action(args: argparse.Namespace) -> int:
 
 def _act(args: argparse.Namespace, path: str) -> int:
     """POST an operator action with MACHINE_HEALTH_TOKEN; 0 when it was done, else 1."""
-    import asyncio
-
     from machine.health_client import post_health
 
-    code, body = asyncio.run(post_health(_health_base(args), path, headers=_log_auth()))
+    code, body = post_health(_health_base(args), path, headers=_log_auth(args))
     if getattr(args, "json", False):
         print(json.dumps(body, indent=2))
     else:
@@ -360,30 +406,33 @@ def _act(args: argparse.Namespace, path: str) -> int:
     return 0 if code == 200 and body.get("ok") else 1
 
 
-def _log_auth() -> dict[str, str]:
+def _log_auth(args: argparse.Namespace) -> dict[str, str]:
     """The Authorization header for the log route: MACHINE_HEALTH_TOKEN from the environment
     (or the MACHINE_CONFIG file); none when it is not set (the node then answers 401/403)."""
     token = os.environ.get("MACHINE_HEALTH_TOKEN", "").strip()
-    if not token:
+    # Settings are loaded (slow: pydantic-settings) only when they can hold a token this did
+    # not see: a MACHINE_CONFIG file, or the name spelt in another case.
+    upper = {key.upper(): value for key, value in os.environ.items()}
+    if not token and (upper.get("MACHINE_CONFIG") or upper.get("MACHINE_HEALTH_TOKEN")):
         try:
-            secret = load_settings().machine_health_token
+            secret = _asking_settings(args).machine_health_token
         except ConfigError:
             secret = None
         token = secret.get_secret_value() if secret else ""
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-async def _logs(base_url: str, gpu: int, tail: int, follow: bool) -> int:
+def _logs(args: argparse.Namespace, base_url: str) -> int:
     # Follow polls the health server rather than reading the file: it works wherever status
     # does (another container, a port-forward), needs no access to the workspace, and the
     # server keeps the rotation handling (offset + inode) in one place.
-    import asyncio
+    import time
 
     from machine.health_client import get_health
 
-    path = f"/health/comfyui/instances/{gpu}/log"
-    headers = _log_auth()
-    code, body = await get_health(base_url, f"{path}?tail={tail}", headers=headers)
+    path = f"/health/comfyui/instances/{args.gpu}/log"
+    headers = _log_auth(args)
+    code, body = get_health(base_url, f"{path}?tail={args.tail}", headers=headers)
     while True:
         if code != 200:
             print(f"comfy-machine: {body.get('error', body)}", file=sys.stderr)
@@ -391,16 +440,16 @@ async def _logs(base_url: str, gpu: int, tail: int, follow: bool) -> int:
         for line in body["lines"]:
             print(line)
         sys.stdout.flush()
-        if not follow:
+        if not args.follow:
             if not body["exists"]:
                 print(f"(no log yet at {body['log_path']})", file=sys.stderr)
             return 0
         if not body["truncated"]:  # truncated: more is waiting, ask again at once
-            await asyncio.sleep(FOLLOW_POLL_S)
+            time.sleep(FOLLOW_POLL_S)
         query = f"after={body['offset']}"
         if body["inode"] is not None:
             query += f"&inode={body['inode']}"
-        code, body = await get_health(base_url, f"{path}?{query}", headers=headers)
+        code, body = get_health(base_url, f"{path}?{query}", headers=headers)
 
 
 # wait-ready's exit code when what it waits for cannot become ready without someone acting.
@@ -417,7 +466,6 @@ def progress_line(what: str, body: dict[str, Any], elapsed: float) -> str:
 def cmd_wait_ready(args: argparse.Namespace) -> int:
     """Exit 0 when ready, 1 on timeout, 3 at once when it cannot become ready without
     someone acting (a FAILED node, a quarantined GPU); a progress line per change on stderr."""
-    import asyncio
     import time
 
     from machine.health_client import Outcome, wait_ready
@@ -429,7 +477,7 @@ def cmd_wait_ready(args: argparse.Namespace) -> int:
     def show(body: dict[str, Any]) -> None:
         print(progress_line(what, body, time.monotonic() - started), file=sys.stderr, flush=True)
 
-    outcome, body = asyncio.run(wait_ready(_health_base(args), path, args.timeout, show))
+    outcome, body = wait_ready(_health_base(args), path, args.timeout, show)
     if outcome is Outcome.READY:
         url = body.get("url")
         print(f"{what} ready" + (f": {url}" if url else ""))
@@ -552,7 +600,8 @@ EXIT_BROKEN_PIPE = 141
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level.upper())
+    if args.command not in ASKING_COMMANDS:
+        setup_logging(args.log_level)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

@@ -16,7 +16,7 @@ from typing import TextIO
 from config.errors import InstallError
 from config.settings import Settings
 from health.checks import FAILED_NODE_STATES
-from machine.boot import install_inputs
+from machine.warm_start import install_inputs
 from services.files import atomic_write_text
 from services.import_check import parse_startup_log
 from services.install.git_launcher import use_group_git

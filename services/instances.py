@@ -79,16 +79,34 @@ class InstanceController:
             else None
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False
         for inst in plan.instances:
             self._by_name[inst.name] = state.instances[inst.gpu]
             self._locks[inst.name] = asyncio.Lock()
 
     async def start(self) -> None:
-        """Listen for events, then start supervisord (events from its first moment count)."""
+        """launch() then attach(): supervisord up and read; the reconcile loop (run) starts the
+        instances."""
+        await self.launch()
+        await self.attach()
+
+    async def launch(self, start_now: bool = False) -> None:
+        """Listen for events, then spawn supervisord (events from its first moment count); with
+        ``start_now`` it starts every instance whose port is free itself, at once (a warm boot:
+        no RPC round trip before ComfyUI's own start)."""
         self.supervisord.prepare_dirs()
         await self._receiver.start()
         self.state.supervisor_expected = True
-        await self.supervisord.start()
+        autostart = []
+        if start_now:
+            for inst in self.state.instances.values():
+                if not inst.quarantined and await self._port_free(inst):
+                    autostart.append(inst.plan.name)
+        await self.supervisord.spawn(autostart)
+
+    async def attach(self) -> None:
+        """Wait for the launched supervisord's RPC and read every process from it."""
+        await self.supervisord.wait_answering()
         self.state.supervisor_up = True
         self.state.changed()
         await self.resync()
@@ -363,6 +381,15 @@ class InstanceController:
 
     async def start_instance(self, inst: InstanceState) -> bool:
         """Start one instance if its port is free (True); otherwise say who holds it."""
+        if not await self._port_free(inst):
+            return False
+        if inst.quarantined:  # quarantined while the port was checked
+            return False
+        await self.supervisord.rpc.start(f"{self.plan.group}:{inst.plan.name}")
+        return True
+
+    async def _port_free(self, inst: InstanceState) -> bool:
+        """The instance's port is free; else its blocked_reason says who holds it."""
         plan = inst.plan
         holder = await asyncio.to_thread(port_in_use, plan.listen, plan.port)
         if holder:
@@ -381,10 +408,11 @@ class InstanceController:
         if inst.blocked_reason:
             inst.blocked_reason = None
             self.state.changed()
-        if inst.quarantined:  # quarantined while the port was checked
-            return False
-        await self.supervisord.rpc.start(f"{self.plan.group}:{plan.name}")
         return True
+
+    async def stop_instances(self) -> None:
+        """Stop every instance (supervisord stays): a warm start found something to install."""
+        await asyncio.gather(*(self._stop(inst) for inst in self.state.instances.values()))
 
     async def quarantine(self, gpu_uuid: str, reason: str) -> None:
         """Take a GPU out of service: stop its instance and never start it again."""
@@ -531,7 +559,10 @@ class InstanceController:
                 inst.process_state = ProcessState.STOPPED
 
     async def stop(self) -> None:
-        """Stop every instance, then supervisord; release the event socket and pidfds."""
+        """Stop every instance, then supervisord; release the event socket and pidfds. Once."""
+        if self._stopped:
+            return
+        self._stopped = True
         for task in list(self._tasks):
             task.cancel()
         for name in list(self._watched):

@@ -34,9 +34,11 @@ from services.state import (
 log = logging.getLogger(__name__)
 
 SMOKE_SUBFOLDER = "comfy-machine-smoke"
-# While an instance boots, poll fast so readiness follows the first answer closely.
-STARTUP_POLL_S = 0.1
-HISTORY_POLL_S = 0.05
+# While an instance boots, poll fast so readiness follows the first answer closely (a refused
+# local connection costs microseconds); the smoke prompt's history likewise (issue 14: a warm
+# boot's overhead over ComfyUI's own start).
+STARTUP_POLL_S = 0.025
+HISTORY_POLL_S = 0.02
 
 
 def smoke_prompt(prefix: str) -> dict:

@@ -26,13 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
-
-import git
 
 from config.errors import InstallError
 from config.git_input import GitAuth, redact_urls, ref_problem, split_userinfo, url_problem
 from services.process_group import run_in_group
+
+if TYPE_CHECKING:
+    import git
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +304,8 @@ def resolve_ref(url: str, ref: str, what: str, options: GitOptions | None = None
 
 def head_commit(dest: Path) -> str | None:
     """The commit checked out at ``dest``, or None if it is not a git checkout."""
+    import git  # gitpython, for the install path alone: a warm boot never loads it
+
     try:
         with git.Repo(dest) as repo:
             return repo.head.commit.hexsha if repo.head.is_valid() else None
@@ -309,17 +313,34 @@ def head_commit(dest: Path) -> str | None:
         return None
 
 
+# A warm boot's check of one checkout: local, read-only, bounded.
+INTACT_TIMEOUT_S = 120.0
+
+
 def checkout_intact(dest: Path, commit: str) -> bool:
-    """``dest`` has ``commit`` checked out and no modified tracked file (the warm-boot check)."""
-    try:
-        with git.Repo(dest) as repo:
-            return (
-                repo.head.is_valid()
-                and repo.head.commit.hexsha == commit
-                and not repo.is_dirty(index=True, working_tree=True, untracked_files=False)
-            )
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError, ValueError):
+    """``dest`` has ``commit`` checked out and no modified tracked file (the warm-boot check).
+
+    One ``git status`` run directly: it only reads (no optional locks, no fsmonitor hook), ends
+    in milliseconds, and a warm boot must not pay gitpython's several commands, each under the
+    group launcher, per checkout."""
+    if not (dest / ".git").exists():  # its own repository, never a parent directory's
         return False
+    try:
+        proc = subprocess.run(
+            ["git", "--no-optional-locks", "-c", "core.fsmonitor=false", "status",
+             "--porcelain=v2", "--branch", "--untracked-files=no"],
+            cwd=dest, env=git_env(None, GitOptions()), stdin=subprocess.DEVNULL,
+            capture_output=True, timeout=INTACT_TIMEOUT_S, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    lines = proc.stdout.decode(errors="replace").splitlines()
+    # "# branch.oid <sha>" first; any line not starting with "#" is a changed tracked file.
+    return (
+        proc.returncode == 0
+        and f"# branch.oid {commit}" in lines
+        and all(line.startswith("#") for line in lines)
+    )
 
 
 def ensure_checkout(
@@ -349,6 +370,8 @@ def ensure_checkout(
 def _update(
     url: str, ref: str, target: str, dest: Path, what: str, options: GitOptions
 ) -> tuple[CheckoutAction, bool]:
+    import git
+
     try:
         repo = git.Repo(dest)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
@@ -384,6 +407,8 @@ def _clone(
     partial = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    import git
+
     repo = git.Repo.init(partial)
     with repo:
         _local(what, ["remote", "add", "--end-of-options", "origin", url], partial, options)
@@ -411,6 +436,8 @@ def _switch(cwd: Path, target: str, what: str, options: GitOptions) -> None:
 
 
 def _has_commit(repo: git.Repo, sha: str) -> bool:
+    import git
+
     try:
         repo.commit(sha)
     except (ValueError, git.BadName):

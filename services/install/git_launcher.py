@@ -18,8 +18,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import git
-
 from services.files import atomic_write_text
 from services.supervisor.launch import DEFAULT_GRACE_S, GROUP_FLAG, LAUNCH_PY
 
@@ -52,6 +50,8 @@ def use_group_git(directory: Path) -> Path | None:
     target = real_git()
     if target is None:
         return None  # no git at all: the checkout itself reports it
+    import git  # gitpython, for the install path alone: a warm boot never loads it
+
     path = directory / WRAPPER_NAME
     try:
         if str(path) != git.Git.GIT_PYTHON_GIT_EXECUTABLE or not path.exists():

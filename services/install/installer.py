@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,19 +19,18 @@ from functools import partial
 from pathlib import Path
 
 from config.errors import DiskFullError, InstallError
-from config.git_input import GitAuth, split_userinfo
-from config.nodes import DEFAULT_REGISTRY_URL, REGISTRY, CustomNodeSpec
+from config.nodes import REGISTRY, CustomNodeSpec
 from services.files import atomic_write_text, open_private
 from services.install import pyenv
 from services.install.git import (
     CheckoutAction,
     CheckoutResult,
     GitOptions,
-    authorization,
     checkout_intact,
     ensure_checkout,
     resolve_ref,
 )
+from services.install.inputs import InstallInputs
 from services.install.lock import (
     Lock,
     LockedNode,
@@ -55,94 +53,13 @@ from services.install.requirements import (
     outside_problems,
 )
 from services.install.resolve import Conflict, resolve
-from services.install.unpack import MAX_UNPACKED_BYTES
-from services.models.download import FetchOptions
 from services.process_group import run_in_group
 from services.state import CustomNodeState, NodeStatus, StepStatus
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[str, StepStatus, str, "str | None", "float | None"], None]
-LOCK_NAME = "comfy-machine.lock"
 DISABLED_DIR = ".disabled"  # ComfyUI skips custom_nodes entries ending in ".disabled"
-
-
-@dataclass(frozen=True)
-class InstallInputs:
-    """Everything the install depends on; its hash keys the lock."""
-
-    comfyui_url: str
-    comfyui_ref: str
-    install_path: Path
-    nodes: tuple[CustomNodeSpec, ...]
-    python: Path
-    venv: Path | None
-    base_python: str
-    protected: tuple[str, ...]
-    on_conflict: str
-    install_py_timeout: float
-    workers: int
-    workspace: Path
-    min_free_bytes: int
-    git_timeout: float = 120.0  # GIT_TIMEOUT
-    git_retries: int = 2  # GIT_RETRIES
-    # Credentials, apart from the URLs (which are shown and locked): ComfyUI's, and each
-    # node's by name. A URL given with userinfo has it moved here (__post_init__).
-    comfyui_auth: GitAuth | None = None
-    node_auth: dict[str, GitAuth] = field(default_factory=dict, repr=False, compare=False)
-    # Variables custom nodes' install.py do not inherit (the instances' withheld secrets).
-    withheld_env: frozenset[str] = frozenset()
-    # Registry nodes: COMFY_REGISTRY_URL; retries and timeouts of its requests and of the
-    # archive downloads (DOWNLOAD_RETRIES); the cap on what one archive unpacks to.
-    registry_url: str = DEFAULT_REGISTRY_URL
-    registry_options: FetchOptions = field(default_factory=FetchOptions)
-    max_unpacked_bytes: int = MAX_UNPACKED_BYTES
-
-    def __post_init__(self) -> None:
-        # No credentials in a URL past this point: they would reach the lock, health, logs.
-        url, userinfo = split_userinfo(self.comfyui_url)
-        if userinfo:
-            object.__setattr__(self, "comfyui_url", url)
-            object.__setattr__(
-                self, "comfyui_auth", replace(self.comfyui_auth or GitAuth(), userinfo=userinfo)
-            )
-        nodes, auth = [], dict(self.node_auth)
-        for spec in self.nodes:
-            url, userinfo = split_userinfo(spec.url)
-            if userinfo:
-                spec = replace(spec, url=url)
-                auth[spec.name] = replace(auth.get(spec.name) or GitAuth(), userinfo=userinfo)
-            nodes.append(spec)
-        object.__setattr__(self, "nodes", tuple(nodes))
-        object.__setattr__(self, "node_auth", auth)
-        object.__setattr__(self, "registry_url", self.registry_url.rstrip("/"))
-
-    def git_options(self, auth: GitAuth | None) -> GitOptions:
-        """GIT_TIMEOUT, GIT_RETRIES and the Authorization header of ``auth`` (read now)."""
-        return GitOptions(self.git_timeout, self.git_retries, authorization(auth))
-
-    @property
-    def lock_path(self) -> Path:
-        return self.workspace / LOCK_NAME
-
-    @property
-    def custom_nodes_dir(self) -> Path:
-        return self.install_path / "custom_nodes"
-
-    def digest(self) -> str:
-        return digest(
-            {
-                "comfyui": [self.comfyui_url, self.comfyui_ref, str(self.install_path)],
-                "nodes": [
-                    [n.name, n.url, n.ref, n.enabled]
-                    + ([n.kind, n.registry_id, self.registry_url] if n.kind == REGISTRY else [])
-                    for n in self.nodes
-                ],
-                "python": str(self.python),
-                "protected": sorted(self.protected),
-                "on_conflict": self.on_conflict,
-            }
-        )
 
 
 def node_state(spec: CustomNodeSpec, status: NodeStatus | None = None) -> CustomNodeState:
@@ -224,10 +141,21 @@ class Installer:
     # -- the phase ------------------------------------------------------------------------
     def run(self) -> InstallReport:
         """Install or verify everything; raises InstallError when ComfyUI itself cannot run."""
+        return self.verify() or self.install()
+
+    def verify(self) -> InstallReport | None:
+        """The warm boot: every tree and the environment as locked for these inputs (read
+        only; no remote asked). None when something must be installed."""
+        lock = read_lock(self.inputs.lock_path)
+        if lock and lock.inputs_hash == self.inputs.digest() and self._warm_ok(lock):
+            return self._warm_report(lock)
+        return None
+
+    def install(self) -> InstallReport:
+        """Clone, check out, resolve and install what the inputs ask for, then write the lock;
+        raises InstallError when ComfyUI itself cannot run."""
         inputs = self.inputs
         lock = read_lock(inputs.lock_path)
-        if lock and lock.inputs_hash == inputs.digest() and self._warm_ok(lock):
-            return self._warm_report(lock)
         self._check_disk()
         comfyui, node_results = self._checkouts(lock)
         self._disable_unwanted(lock)
@@ -689,8 +617,3 @@ def _checkout_detail(result: CheckoutResult) -> str:
     if result.action == CheckoutAction.SKIPPED:
         return f"skipped: at {result.commit}"
     return f"{result.action} at {result.commit}{note}"
-
-
-def default_base_python() -> str:
-    """The interpreter a managed virtualenv is built from: the agent's own version."""
-    return sys.executable

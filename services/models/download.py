@@ -18,7 +18,6 @@ import stat
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -27,6 +26,7 @@ import aiohttp
 from config.errors import DiskFullError
 from config.models import ModelSpec, public_url
 from services.models.errors import ChecksumMismatch, ModelError, TransientError
+from services.models.options import FetchOptions
 from services.models.paths import part_meta_path, part_path
 from services.models.record import read_json
 
@@ -42,13 +42,6 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 Progress = Callable[[int, int | None], None]  # (bytes just written, total if known)
 
 
-@dataclass(frozen=True)
-class FetchOptions:
-    retries: int = 5
-    backoff_s: float = 0.5
-    backoff_max_s: float = 30.0
-    connect_timeout_s: float = 30.0
-    read_timeout_s: float = 60.0
 
 
 def _gib(n: int) -> str:

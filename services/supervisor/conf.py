@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Collection
 
 from services.plan import EVENT_LISTENER, INSTANCE_GROUP, InstancePlan, NodePlan, ProxyPlan
 
@@ -32,7 +33,7 @@ def _environment(env: dict[str, str]) -> str:
     return ",".join(items)
 
 
-def _program(plan: NodePlan, inst: InstancePlan) -> str:
+def _program(plan: NodePlan, inst: InstancePlan, autostart: bool) -> str:
     policy = plan.policy
     return "\n".join(
         [
@@ -40,11 +41,12 @@ def _program(plan: NodePlan, inst: InstancePlan) -> str:
             f"command={_command(inst.argv)}",
             f"directory={_escape(str(inst.cwd))}",
             f"environment={_environment(inst.env)}",
-            # The agent starts each instance itself once its port is known to be free.
+            # The agent starts each instance itself once its port is known to be free; on a warm
+            # boot, supervisord starts those whose ports the agent found free, at its own start.
             # supervisord runs with umask 027 (its logs, every instance's, are 0640); what
             # ComfyUI writes (outputs) keeps the usual modes.
             "umask=022",
-            "autostart=false",
+            f"autostart={'true' if autostart else 'false'}",
             "autorestart=true",
             f"startsecs={policy.startsecs}",
             f"startretries={policy.start_retries}",
@@ -91,8 +93,9 @@ def _proxy_program(plan: NodePlan, proxy: ProxyPlan) -> str:
     )
 
 
-def render_conf(plan: NodePlan) -> str:
-    """The whole supervisord configuration: a unix-socket RPC, the event relay, each instance."""
+def render_conf(plan: NodePlan, autostart: Collection[str] = ()) -> str:
+    """The whole supervisord configuration: a unix-socket RPC, the event relay, each instance
+    (the ``autostart`` ones started by supervisord itself, as soon as it runs)."""
     sock = _escape(str(plan.supervisor_socket))
     listener_argv = [
         plan.agent_python,
@@ -142,7 +145,7 @@ def render_conf(plan: NodePlan) -> str:
         "priority=1",
         "",
     ]
-    programs = [_program(plan, inst) for inst in plan.instances]
+    programs = [_program(plan, inst, inst.name in autostart) for inst in plan.instances]
     if plan.instances:
         names = ",".join(inst.name for inst in plan.instances)
         programs += [f"[group:{INSTANCE_GROUP}]", f"programs={names}", ""]

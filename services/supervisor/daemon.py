@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import psutil
@@ -91,15 +92,23 @@ class Supervisord:
         self.plan.run_dir.chmod(0o700)
         self.plan.log_dir.mkdir(parents=True, exist_ok=True)
 
-    def write_conf(self) -> None:
+    def write_conf(self, autostart: Collection[str] = ()) -> None:
         """Write supervisord.conf atomically (readers never see half of it)."""
         self.prepare_dirs()
-        atomic_write_text(self.plan.supervisor_conf, render_conf(self.plan), mode=0o600)
+        atomic_write_text(
+            self.plan.supervisor_conf, render_conf(self.plan, autostart), mode=0o600
+        )
 
-    async def start(self) -> None:
+    async def start(self, autostart: Collection[str] = ()) -> None:
         """Start ``supervisord -n`` (dies with the agent) and wait until its RPC answers."""
+        await self.spawn(autostart)
+        await self.wait_answering()
+
+    async def spawn(self, autostart: Collection[str] = ()) -> None:
+        """Start ``supervisord -n`` (dies with the agent), starting the ``autostart`` programs
+        itself; wait_answering() then waits for its RPC."""
         await asyncio.to_thread(reap_stale, self.plan, self.plan.policy.stop_timeout + 5.0)
-        self.write_conf()
+        self.write_conf(autostart)
         argv = dies_with_us(
             [
                 sys.executable,
@@ -122,6 +131,13 @@ class Supervisord:
                 stderr=out,
                 start_new_session=True,
             )
+        log.info("supervisord started", extra={"fields": {
+            "pid": self._proc.pid, "starts_at_once": list(autostart)}})
+
+    async def wait_answering(self) -> None:
+        """Until the spawned supervisord's RPC answers; SupervisorError if it exits or stays
+        silent for START_DEADLINE_S."""
+        assert self._proc is not None, "spawn() first"
         deadline = time.monotonic() + START_DEADLINE_S
         while True:
             if self._proc.returncode is not None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.support import Node, http_json, wait_until
 
@@ -116,11 +117,18 @@ def test_taken_port_blocks_only_that_instance(make_node: Callable[..., Node]) ->
     assert code == 200 and body["ready"]
 
 
-def test_sigterm_stops_everything_cleanly(make_node: Callable[..., Node]) -> None:
-    node = make_node(gpus=2).start()
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_sigterm_stops_everything_cleanly(make_node: Callable[..., Node], loop: str) -> None:
+    node = make_node(gpus=2, MACHINE_EVENT_LOOP=loop).start()
     node.wait_ready()
+    assert node.proc is not None
+    maps = Path(f"/proc/{node.proc.pid}/maps").read_text()
+    assert ("uvloop" in maps) == (loop == "uvloop")
     tree = node.tree()
     assert len(tree) >= 5  # agent, supervisord, event listener, 2 instances
+    # supervisord's own umask (services/supervisor/supervisord.py): logs for owner and group.
+    for log in (node.workspace / "logs").glob("*.log"):
+        assert log.stat().st_mode & 0o027 == 0, f"{log} is {oct(log.stat().st_mode)}"
     assert node.stop(signal.SIGTERM) == 0
     _gone, alive = psutil.wait_procs(tree, timeout=5)
     assert alive == []

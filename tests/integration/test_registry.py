@@ -22,7 +22,7 @@ import pytest
 from config.nodes import CustomNodeSpec
 from config.settings import custom_node_specs, load_settings
 from health.checks import installation_report
-from machine.boot import install_inputs
+from machine.warm_start import install_inputs
 from services.install.installer import Installer, InstallInputs
 from services.install.lock import read_lock
 from services.install.registry import RegistryError, nearest_first, resolve

@@ -192,7 +192,7 @@ def _tree(node: Node) -> list[psutil.Process]:
 
 
 def _startup_cost() -> float:
-    """What a wait-ready costs before it asks anything: Python, imports (~0.5 s)."""
+    """What a wait-ready costs before it asks anything: Python, imports (~0.15 s on 2 cores)."""
     port = free_port_range(1)
     started = time.monotonic()
     run_cli("wait-ready", "--timeout", "0", "--url", f"http://127.0.0.1:{port}")

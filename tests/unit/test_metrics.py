@@ -3,6 +3,7 @@ collect() does no I/O, and the deploy/ rules and dashboard select only labels it
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -368,7 +369,8 @@ async def test_status_table_joins_gpu_samples_from_metrics(aiohttp_client) -> No
 
     state = rich_state()
     client = await aiohttp_client(create_app(state))
-    gpus = await _gpu_facts(str(client.make_url("")))
+    # The CLI's client blocks (the standard library's http.client): off the server's loop.
+    gpus = await asyncio.to_thread(_gpu_facts, str(client.make_url("")))
     assert gpus == {"GPU-0": (60.0, 2**30), "GPU-1": (61.0, 2**30)}
     state.instances[1].process_state = ProcessState.EXITED
     code, body = checks.node_report(state, 1_000_000.0)
@@ -383,4 +385,4 @@ async def test_status_table_joins_gpu_samples_from_metrics(aiohttp_client) -> No
     ]
     assert lines[3].split()[:4] == ["1", "comfyui-gpu1", "EXITED", "no"]
     assert "exited" in lines[3] and len(lines[3]) <= 120
-    assert await _gpu_facts("http://127.0.0.1:9") == {}  # unreachable: the table shows "-"
+    assert _gpu_facts("http://127.0.0.1:9") == {}  # unreachable: the table shows "-"

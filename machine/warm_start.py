@@ -1,0 +1,132 @@
+"""A warm boot's head start: supervisord and the instances are started before the rest of the
+boot is even imported (the health server, the installer, the HTTP clients), since ComfyUI's own
+start is what takes long; the boot then verifies the installation while they start. Light to
+import on purpose: what this module imports is on the path to the instances' start."""
+
+from __future__ import annotations
+
+import asyncio
+
+from config.errors import MachineError
+from config.git_input import GitAuth, split_userinfo
+from config.settings import (
+    Settings,
+    custom_node_auth,
+    custom_node_specs,
+    instance_withheld_env,
+)
+from services.backoff import policy_from as backoff_policy
+from services.fdlimit import raise_fd_limit
+from services.gpu.guard import prepare_gpus
+from services.gpu.sampler import GpuSampler
+from services.install.inputs import InstallInputs, default_base_python, lock_matches
+from services.instances import InstanceController
+from services.models.extra_paths import write_extra_model_paths
+from services.models.options import FetchOptions
+from services.plan import NodePlan
+from services.proxy.control import write_proxy_config
+from services.state import InstanceState, MachineState, ProxyState
+
+
+def install_inputs(settings: Settings) -> InstallInputs:
+    """What the install phase works from (custom nodes resolved from env, TOML, snapshot)."""
+    specs, comfyui_ref = custom_node_specs(settings)
+    # Credentials in COMFYUI_REPO reach git through its environment only, never the lock.
+    comfyui_url, comfyui_userinfo = split_userinfo(settings.comfyui_repo)
+    return InstallInputs(
+        comfyui_url=comfyui_url,
+        comfyui_ref=comfyui_ref,
+        install_path=settings.install_path,
+        nodes=tuple(specs),
+        python=settings.python,
+        venv=settings.venv_path,
+        base_python=default_base_python(),
+        protected=tuple(settings.protected_packages),
+        on_conflict=settings.on_conflict,
+        install_py_timeout=settings.install_py_timeout,
+        workers=settings.install_workers,
+        workspace=settings.machine_workspace,
+        min_free_bytes=int(settings.install_min_free_gb * 2**30),
+        git_timeout=settings.git_timeout,
+        git_retries=settings.git_retries,
+        comfyui_auth=GitAuth(userinfo=comfyui_userinfo) if comfyui_userinfo else None,
+        node_auth=custom_node_auth(settings),
+        withheld_env=instance_withheld_env(settings),
+        registry_url=settings.comfy_registry_url,
+        registry_options=FetchOptions(retries=settings.download_retries),
+    )
+
+
+Launched = tuple[InstanceController, GpuSampler | None]
+
+
+def new_state(settings: Settings, plan: NodePlan) -> MachineState:
+    """The node's state before its boot: every planned instance (and the proxy) stopped."""
+    state = MachineState(max_queue_depth=settings.max_queue_depth)
+    state.proxy = ProxyState(plan=plan.proxy) if plan.proxy is not None else None
+    state.instances = {i.gpu: InstanceState(plan=i, proxy=state.proxy) for i in plan.instances}
+    return state
+
+
+def warm_launch(
+    settings: Settings, plan: NodePlan, state: MachineState
+) -> asyncio.Future[Launched] | None:
+    """On a warm boot (the install lock was written for these very inputs), supervisord and
+    the instances start now, before anything else the boot does: ComfyUI's own start is the
+    long part, and the boot verifies the installation while it runs. None otherwise (the boot
+    reports any input it cannot use)."""
+    try:
+        if not plan.instances or not lock_matches(install_inputs(settings)):
+            return None
+    except MachineError:
+        return None
+    # Children inherit the open-files limit: raised before supervisord starts, as on a cold boot.
+    raise_fd_limit()
+    return asyncio.ensure_future(launch(settings, plan, state, start_now=True))
+
+
+async def stop_launched(
+    controller: InstanceController | None, launched: asyncio.Future[Launched] | None
+) -> None:
+    """Stop what the boot started: its controller, or the warm launch's (cancelled if it is
+    still under way: what it started, it stops itself)."""
+    if controller is None and launched is not None:
+        launched.cancel()
+        await asyncio.wait({launched})
+        if launched.cancelled() or launched.exception() is not None:
+            return
+        controller, _ = launched.result()
+    if controller is not None:
+        await controller.stop()
+
+
+async def launch(
+    settings: Settings, plan: NodePlan, state: MachineState, start_now: bool
+) -> Launched:
+    """supervisord, and with ``start_now`` every instance (its port free, its GPU not
+    quarantined) started by supervisord itself (call attach() later); else the reconcile loop
+    starts them. GPU mode: NVML and the sentinel self-test (cached per GPU and driver) come
+    first: no instance starts on a failing GPU."""
+    for directory in plan.instance_dirs:
+        directory.mkdir(parents=True, exist_ok=True)
+    if start_now:  # ComfyUI reads it once, at its start
+        write_extra_model_paths(plan.extra_model_paths, plan.extra_model_paths_yaml,
+                                settings.models_path)
+    sampler = await prepare_gpus(settings, plan, state)
+    if plan.proxy is not None and settings.comfyui_access_token is not None:
+        # The token goes into the proxy's config file (0600), never into a command line.
+        write_proxy_config(plan.proxy, settings.comfyui_access_token)
+    controller = InstanceController(plan, state, settings.probe_interval, backoff_policy(settings))
+    if sampler is not None:
+        sampler.quarantine = controller.quarantine
+    try:
+        await controller.launch(start_now)
+        if not start_now:
+            await controller.attach()
+    except (Exception, asyncio.CancelledError):
+        # Whatever got started (supervisord, the event socket) must not outlive the boot.
+        await asyncio.shield(controller.stop())
+        raise
+    return controller, sampler
+
+
