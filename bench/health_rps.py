@@ -144,6 +144,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--peer", metavar="URL", action="append", default=[],
+                        help="also load this already running server each round (a peer such as "
+                        "comfyui-api's /ready), side by side; may be given more than once")
     args = parser.parse_args()
     paths = ["/readyz", "/health/comfyui"]
     servers = [("bare", "asyncio"), ("health", "asyncio")]
@@ -157,6 +160,9 @@ def main() -> int:
             measured = measure(kind, loop, paths if kind == "health" else paths[:1], args.seconds)
             for path, figures in measured.items():
                 samples.setdefault(f"{kind} {loop} {path}", []).append(figures)
+        for url in args.peer:  # not ours to start: loaded as it runs, after a warm-up
+            load(url, 1)
+            samples.setdefault(f"peer {url}", []).append(load(url, args.seconds))
     results: dict[str, object] = {"client": "wrk -t1 -c200" if shutil.which("wrk") else
                                   "aiohttp (slower than the servers)", "rounds": args.rounds}
     med = {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]}

@@ -15,9 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from config.errors import InstallError, MachineError
-from config.settings import (
-    Settings,
-)
+from config.settings import Settings
 from health.checks import node_report
 from health.limits import HealthLimits
 from health.server import start_health_server

@@ -37,6 +37,16 @@ def recording(name: str) -> Any:
     return json.loads(recording_text(name))
 
 
+def squat(port: int) -> socket.socket:
+    """A listening socket on 127.0.0.1:``port``, as another program holding an instance's port
+    would be; the caller closes it."""
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    return squatter
+
+
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
     """Poll ``predicate`` until it returns something truthy; fail with the last value seen."""
     deadline = time.monotonic() + timeout
@@ -64,10 +74,19 @@ def port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_range(count: int) -> int:
-    """First of ``count`` consecutive free ports."""
+    """First of ``count`` consecutive free ports, below the ephemeral range: a port the kernel
+    may give any outgoing connection meanwhile would be taken when the node binds it."""
+    high = min(60000, _ephemeral_start()) - count - 1
     for _ in range(200):
-        base = random.randint(20000, 60000)
+        base = random.randint(10000, high)
         if all(port_free(base + i) for i in range(count)):
             return base
     raise RuntimeError("no free port range")

@@ -9,7 +9,6 @@ import os
 import pty
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from health.server import create_app
 from services.logfile import MAX_FOLLOW_BYTES
 from services.state import InstanceState
 from tests.integration.test_cli import run_cli
-from tests.support import Node, wait_until
+from tests.support import Node, squat, wait_until
 from tests.unit.test_checks import instance, make_ready, node
 
 LOG_ROUTE = "/health/comfyui/instances/0/log"
@@ -224,10 +223,7 @@ def test_status_is_a_table_and_json_on_request(
 ) -> None:
     node = make_node(gpus=2)
     # gpu 1's port is taken: a deterministic not-ready instance with a reason.
-    squatter = socket.socket()
-    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    squatter.bind(("127.0.0.1", node.port_start + 1))
-    squatter.listen()
+    squatter = squat(node.port_start + 1)
     try:
         node.start()
         wait_until(lambda: node.instance(0)[0] == 200, 60, "gpu 0 ready")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from tests.support import Node, http_json, wait_until
+from tests.support import Node, http_json, squat, wait_until
 
 
 def test_boot_all_ready_with_the_fields_workers_use(make_node: Callable[..., Node]) -> None:
@@ -96,10 +96,7 @@ def test_crash_loop_ends_fatal_with_log_tail(make_node: Callable[..., Node]) -> 
 
 def test_taken_port_blocks_only_that_instance(make_node: Callable[..., Node]) -> None:
     node = make_node(gpus=2)
-    squatter = socket.socket()
-    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    squatter.bind(("127.0.0.1", node.port_start + 1))
-    squatter.listen()
+    squatter = squat(node.port_start + 1)
     try:
         node.start()
         wait_until(lambda: node.instance(0)[0] == 200, 60, "gpu 0 ready")
@@ -156,15 +153,87 @@ def test_sigkill_of_the_agent_leaves_no_orphan(make_node: Callable[..., Node]) -
     assert alive == [], f"orphans after SIGKILL of the agent: {alive}"
 
 
+def events(node: Node) -> list[dict[str, Any]]:
+    """The agent's log, one dict per JSON line, in order."""
+    return [json.loads(line) for line in node.log_path.read_text().splitlines()
+            if line.startswith("{")]
+
+
 def test_warm_boot_skips_install_and_comes_back(make_node: Callable[..., Node]) -> None:
-    node = make_node(gpus=1).start()
+    node = make_node(gpus=2).start()
     node.wait_ready()
     assert node.stop() == 0
-    node.start()
+    node.log_path.write_text("")
+    squatter = squat(node.port_start + 1)
+    try:
+        node.start()
+        wait_until(lambda: node.instance(0)[0] == 200, 60, "gpu 0 ready")
+        _, install = node.get("/health/comfyui/installation")
+        assert {step["status"] for step in install["steps"]} == {"skipped"}
+        # supervisord (starting the instance whose port is free) came before everything else
+        # the boot does, the health server included; the busy port's instance waits its turn.
+        names = [e["event"] for e in events(node)]
+        assert names.index("supervisord started") < names.index("health server"), names
+        started = next(e for e in events(node) if e["event"] == "supervisord started")
+        assert started["starts_at_once"] == ["comfyui-gpu0"]
+        code, blocked = node.instance(1)
+        assert code == 503 and "already in use" in blocked["reasons"][0]
+    finally:
+        squatter.close()
+    code, body = node.get("/health/comfyui/instances/1?wait=30")
+    assert code == 200 and body["ready"]
+
+
+def test_sigterm_during_a_warm_start_stops_everything(make_node: Callable[..., Node]) -> None:
+    node = make_node(gpus=2).start()
     node.wait_ready()
-    _, install = node.get("/health/comfyui/installation")
-    assert {step["status"] for step in install["steps"]} == {"skipped"}
-    assert (node.workspace / "comfy-machine.lock").is_file()
+    assert node.stop() == 0
+    node.log_path.write_text("")
+    node.start()
+    # Stopped while supervisord and the instances start and the boot still verifies.
+    wait_until(lambda: any(e["event"] == "supervisord started" for e in events(node)), 30,
+               "the warm start", interval=0.005)
+    tree = node.tree()
+    assert node.stop(signal.SIGTERM) == 0
+    _gone, alive = psutil.wait_procs(tree[1:], timeout=10)
+    assert alive == [], f"left behind: {alive}"
+    workspace = str(node.workspace)
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if any(workspace in arg for arg in p.info["cmdline"] or [])]
+    assert leftovers == [], leftovers
+
+
+def test_warm_boot_that_finds_the_install_changed_stops_and_installs_first(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node(gpus=1).start()
+    first = node.wait_ready()["instances"][0]["pid"]
+    assert node.stop() == 0
+    node.log_path.write_text("")
+    # Someone edited ComfyUI in place: the lock no longer describes what is on disk.
+    main_py = node.workspace / "ComfyUI" / "main.py"
+    original = main_py.read_text()
+    main_py.write_text(original + "\n# edited by hand\n")
+    node.start()
+    body = node.wait_ready()
+    assert main_py.read_text() == original  # installed again before serving
+    log = events(node)
+    names = [e["event"] for e in log]
+    early = next(e for e in log if e["event"] == "supervisord started")
+    assert early["starts_at_once"] == ["comfyui-gpu0"]
+    stop_at = names.index(next(n for n in names if n.startswith("warm start:")))
+    # The instance the warm start began was stopped before the install; only a process started
+    # after it was probed (nothing unverified was ever reported ready).
+    smoke_at = names.index("smoke passed")
+    assert stop_at < smoke_at
+    stopped = [e for e in log[stop_at:smoke_at]
+               if e["event"] == "process state" and e["to"] == "STOPPED"]
+    assert [e["instance"] for e in stopped] == ["comfyui-gpu0"], log
+    smoked = [e["pid"] for e in log if e["event"] == "smoke passed"]
+    assert smoked == [body["instances"][0]["pid"]] and stopped[0]["pid"] not in smoked
+    assert first not in smoked
+    steps = {s["name"]: s for s in node.get("/health/comfyui/installation")[1]["steps"]}
+    assert steps["checkout ComfyUI"]["status"] != "skipped"
 
 
 # A custom node that starts a helper process which ignores SIGINT, as some real node packs do
