@@ -91,15 +91,17 @@ class _HttpDate:
 http_date = _HttpDate()
 
 
-def http_answer(status: int, body: bytes, *, close: bool = False, **headers: str) -> bytes:
+def http_answer(
+    status: int, body: bytes, *, close: bool = False, dated: bool = True, **headers: str
+) -> bytes:
     """A complete HTTP/1.1 JSON answer with the headers aiohttp's would carry (for the
-    answers the protocol sends itself)."""
+    answers the protocol sends itself); ``dated=False`` for one prepared once and kept."""
     lines = [
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
         "Content-Type: application/json; charset=utf-8",
         f"Content-Length: {len(body)}",
         "Cache-Control: no-store",
-        f"Date: {http_date()}",
+        *([f"Date: {http_date()}"] if dated else []),
         f"Server: {SERVER_SOFTWARE}",
         *(["Connection: close"] if close else []),
         *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items()),
@@ -111,7 +113,8 @@ def raw_error(status: int, message: str, **headers: str) -> bytes:
     """A complete HTTP/1.1 JSON error answer that closes the connection, for the places
     where no request object exists (a refused connection, a head that never completes)."""
     body = json.dumps({"status": "error", "error": message}).encode()
-    return http_answer(status, body, close=True, **headers)
+    # Undated: the refusal at the connection cap is prepared once, when the server starts.
+    return http_answer(status, body, close=True, dated=False, **headers)
 
 
 class _FastParser:
