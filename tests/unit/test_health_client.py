@@ -100,7 +100,7 @@ def echo_app() -> web.Application:
         }, status=int(request.query.get("status", "200")))
 
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(10)
+        await asyncio.Event().wait()  # never answers (cancelled when the client gives up)
         return web.json_response({})
 
     async def dribble(request: web.Request) -> web.StreamResponse:
