@@ -152,9 +152,12 @@ class InstanceProber:
     async def _probe(self, pid: int) -> bool:
         """One probe of /system_stats and /queue, recorded in the state."""
         start = time.monotonic()
+        # While the websocket feed is live its queue figures are newer: /queue is not asked
+        # (half the requests of an idle node's probes: issue 14's idle CPU).
+        live = self._feed is not None and self._feed.live
         try:
             await self._client.system_stats()
-            depth = await self._client.queue()
+            depth = None if live else await self._client.queue()
         except (aiohttp.ClientError, TimeoutError, ComfyApiError, KeyError, ValueError) as exc:
             self._check(pid)
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -163,11 +166,18 @@ class InstanceProber:
             self._state.changed()
             return False
         self._check(pid)
-        self._inst.last_probe = ProbeResult(time.time(), True, time.monotonic() - start)
-        self._inst.probe_failures = 0
-        if self._feed is None or not self._feed.live:  # else the websocket's figures are newer
-            self._inst.queue_running, self._inst.queue_pending = depth.running, depth.pending
-        self._state.changed()
+        inst = self._inst
+        before = (inst.last_probe is not None and inst.last_probe.ok, inst.probe_failures,
+                  inst.queue_running, inst.queue_pending)
+        inst.last_probe = ProbeResult(time.time(), True, time.monotonic() - start)
+        inst.probe_failures = 0
+        if depth is not None:
+            inst.queue_running, inst.queue_pending = depth.running, depth.pending
+        # A routine probe (ok again, the same queue) changes only its timestamp and latency,
+        # which answers show within their TTL: waking every waiter for it would cost an idle
+        # node a wake-up storm per probe.
+        if before != (True, 0, inst.queue_running, inst.queue_pending):
+            self._state.changed()
         return True
 
     async def _wait_for_http(self, pid: int) -> None:
