@@ -68,6 +68,25 @@ def test_kill_9_is_503_within_a_second_then_ready_again(make_node: Callable[...,
     assert after["pid"] != before["pid"] and after["smoke"]["pid"] == after["pid"]
 
 
+def test_a_hung_instance_is_not_ready_until_it_answers_again(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node(gpus=2, PROBE_TIMEOUT="1").start()
+    node.wait_ready()
+    _, before = node.instance(1)
+    os.kill(before["pid"], signal.SIGSTOP)  # alive (no exit to see) but answering nothing
+    try:
+        code, body = wait_until(
+            lambda: (lambda r: r if r[0] == 503 else None)(node.instance(1)), 10, "gpu 1 503"
+        )
+        assert body["ready"] is False and body["last_probe"]["ok"] is False, body
+        assert node.instance(0)[0] == 200  # the other one serves on
+    finally:
+        os.kill(before["pid"], signal.SIGCONT)
+    code, after = node.get("/health/comfyui/instances/1?wait=30")
+    assert code == 200 and after["ready"] and after["pid"] == before["pid"]
+
+
 def test_crash_loop_ends_fatal_with_log_tail(make_node: Callable[..., Node]) -> None:
     # An unknown flag makes ComfyUI (and the stand-in) exit 2 at every start. A start counts as
     # failed only if the process exits within startsecs; the stand-in needs 0.3-1.5 s (imports)
