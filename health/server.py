@@ -10,19 +10,19 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
 
 from config.errors import LogFileRefused
 from health import checks
 from health.limits import FAST_ANSWER_KEY, HealthLimits, HealthRunner, http_answer, http_date
-from health.metrics import MachineCollector, Snapshot, process_collectors, registry_of
 from services.logfile import lines_after, tail_lines
 from services.operator import OperatorActions
 from services.state import MachineState, Phase
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,7 @@ MAX_WAIT_S = 600.0
 # clients wait out a 1 s SYN retransmit (seen as p99 = 1 s with 200 clients).
 HEALTH_BACKLOG = 1024
 STATE_KEY = web.AppKey("state", MachineState)
-COLLECTOR_KEY = web.AppKey("collector", MachineCollector)
-PROCESS_COLLECTORS_KEY = web.AppKey("process_collectors", list[Collector])
+METRICS_KEY = web.AppKey("metrics", "LazyMetrics")
 # MACHINE_HEALTH_TOKEN as bytes; None: the log route is closed.
 ANSWERS_KEY = web.AppKey("answers", "AnswerCache")
 LOG_TOKEN_KEY = web.AppKey("log_token", bytes | None)  # type: ignore[arg-type]
@@ -216,12 +215,36 @@ async def _instance(request: web.Request) -> web.Response:
     return await _answer(request, _instance_report(gpu), ("instance", gpu))
 
 
+class LazyMetrics:
+    """The /metrics collectors, built at the first scrape: prometheus_client (~40 ms to load
+    here) stays off the path of a warm boot, which does not need it to serve."""
+
+    __slots__ = ("_built", "_state")
+
+    def __init__(self, state: MachineState) -> None:
+        self._state = state
+        self._built: tuple[Collector, list[Collector]] | None = None
+
+    def collectors(self) -> tuple[Collector, list[Collector]]:
+        """The node's collector and the agent's process collectors."""
+        if self._built is None:
+            from health.metrics import MachineCollector, process_collectors
+
+            self._built = (MachineCollector(self._state), process_collectors())
+        return self._built
+
+
 async def _metrics(request: web.Request) -> web.Response:
+    from prometheus_client.exposition import choose_encoder
+
+    from health.metrics import Snapshot, registry_of
+
     # The families are built on the event loop, which owns the state: one consistent read, no
     # I/O. Encoding them costs several times more (bench/metrics_scrape.py), so it runs in a
     # thread with the agent's process metrics and health requests do not wait behind it.
-    families = list(request.app[COLLECTOR_KEY].collect())
-    registry = registry_of(Snapshot(families), *request.app[PROCESS_COLLECTORS_KEY])
+    machine, process = request.app[METRICS_KEY].collectors()
+    families = list(machine.collect())
+    registry = registry_of(Snapshot(families), *process)
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
     body = await asyncio.to_thread(encoder, registry)
     return web.Response(
@@ -354,8 +377,7 @@ def create_app(
     app[FAST_ANSWER_KEY] = _fast_answer(state, app[ANSWERS_KEY])
     app[LOG_TOKEN_KEY] = log_token.encode() if log_token else None
     app[ACTIONS_KEY] = actions
-    app[COLLECTOR_KEY] = MachineCollector(state)
-    app[PROCESS_COLLECTORS_KEY] = process_collectors()
+    app[METRICS_KEY] = LazyMetrics(state)
     for path, report in CACHED_ROUTES.items():
         app.router.add_get(path, _route(report))
     app.router.add_get("/health/comfyui/instances/{gpu}", _instance)
