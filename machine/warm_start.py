@@ -6,6 +6,7 @@ import on purpose: what this module imports is on the path to the instances' sta
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from config.errors import MachineError
 from config.git_input import GitAuth, split_userinfo
@@ -17,8 +18,6 @@ from config.settings import (
 )
 from services.backoff import policy_from as backoff_policy
 from services.fdlimit import raise_fd_limit
-from services.gpu.guard import prepare_gpus
-from services.gpu.sampler import GpuSampler
 from services.install.inputs import InstallInputs, default_base_python, lock_matches
 from services.instances import InstanceController
 from services.models.extra_paths import write_extra_model_paths
@@ -26,6 +25,9 @@ from services.models.options import FetchOptions
 from services.plan import NodePlan
 from services.proxy.control import write_proxy_config
 from services.state import InstanceState, MachineState, ProxyState
+
+if TYPE_CHECKING:
+    from services.gpu.sampler import GpuSampler
 
 
 def install_inputs(settings: Settings) -> InstallInputs:
@@ -57,7 +59,7 @@ def install_inputs(settings: Settings) -> InstallInputs:
     )
 
 
-Launched = tuple[InstanceController, GpuSampler | None]
+Launched = tuple[InstanceController, "GpuSampler | None"]
 
 
 def new_state(settings: Settings, plan: NodePlan) -> MachineState:
@@ -112,7 +114,11 @@ async def launch(
     if start_now:  # ComfyUI reads it once, at its start
         write_extra_model_paths(plan.extra_model_paths, plan.extra_model_paths_yaml,
                                 settings.models_path)
-    sampler = await prepare_gpus(settings, plan, state)
+    sampler = None
+    if not plan.cpu_only:  # NVML and the self-test: GPU mode alone loads them
+        from services.gpu.guard import prepare_gpus
+
+        sampler = await prepare_gpus(settings, plan, state)
     if plan.proxy is not None and settings.comfyui_access_token is not None:
         # The token goes into the proxy's config file (0600), never into a command line.
         write_proxy_config(plan.proxy, settings.comfyui_access_token)

@@ -18,7 +18,7 @@ from config.errors import SupervisorError, WorkspaceBusy
 from services.files import atomic_write_text, file_identity, open_private, unlink_if_same
 from services.plan import NodePlan
 from services.supervisor.conf import render_conf
-from services.supervisor.launch import dies_with_us
+from services.supervisor.launch import DIE_WITH_FLAG
 from services.supervisor.rpc import SupervisorRpc
 from services.workspace_lock import busy_message, live_owner
 
@@ -76,6 +76,7 @@ class Supervisord:
         self.rpc = SupervisorRpc(plan.supervisor_socket)
         self._proc: asyncio.subprocess.Process | None = None
         self._socket: tuple[int, int] | None = None  # the RPC socket our supervisord made
+        self._answering: asyncio.Future[None] | None = None  # spawn() until its RPC answers
 
     @property
     def pid(self) -> int | None:
@@ -109,17 +110,17 @@ class Supervisord:
         itself; wait_answering() then waits for its RPC."""
         await asyncio.to_thread(reap_stale, self.plan, self.plan.policy.stop_timeout + 5.0)
         self.write_conf(autostart)
-        argv = dies_with_us(
-            [
-                sys.executable,
-                "-m",
-                # supervisord itself, with log handlers a full disk cannot kill (see there)
-                "services.supervisor.supervisord",
-                "-n",
-                "-c",
-                str(self.plan.supervisor_conf),
-            ]
-        )
+        argv = [
+            sys.executable,
+            "-m",
+            # supervisord itself, with log handlers a full disk cannot kill, dying with us
+            "services.supervisor.supervisord",
+            DIE_WITH_FLAG,
+            str(os.getpid()),
+            "-n",
+            "-c",
+            str(self.plan.supervisor_conf),
+        ]
         with open_private(self.output_path, "ab") as out:
             # Own session: a terminal's Ctrl-C reaches the agent alone, which stops the rest.
             self._proc = await asyncio.create_subprocess_exec(
@@ -133,11 +134,23 @@ class Supervisord:
             )
         log.info("supervisord started", extra={"fields": {
             "pid": self._proc.pid, "starts_at_once": list(autostart)}})
+        # Asked from now on, not when the boot gets to it: supervisord starts its autostart
+        # programs only once its main loop first wakes (its idle poll lasts 1 s), and the first
+        # RPC connection is what wakes it.
+        self._answering = asyncio.ensure_future(self._until_answering())
 
     async def wait_answering(self) -> None:
-        """Until the spawned supervisord's RPC answers; SupervisorError if it exits or stays
-        silent for START_DEADLINE_S."""
-        assert self._proc is not None, "spawn() first"
+        """Until the spawned supervisord's RPC answers; SupervisorError (supervisord stopped)
+        if it exits or stays silent for START_DEADLINE_S."""
+        assert self._answering is not None, "spawn() first"
+        try:
+            await self._answering
+        except SupervisorError:
+            await self.stop()
+            raise
+
+    async def _until_answering(self) -> None:
+        assert self._proc is not None
         deadline = time.monotonic() + START_DEADLINE_S
         while True:
             if self._proc.returncode is not None:
@@ -150,7 +163,6 @@ class Supervisord:
                     self._socket = file_identity(self.plan.supervisor_socket)
                     return
             if time.monotonic() > deadline:
-                await self.stop()
                 raise SupervisorError(
                     f"supervisord did not answer on {self.plan.supervisor_socket} within "
                     f"{START_DEADLINE_S:.0f}s: {self._output_tail()}"
@@ -177,6 +189,12 @@ class Supervisord:
 
     async def stop(self) -> None:
         """SIGTERM supervisord (it stops every program as a group); kill what outlives the wait."""
+        answering = self._answering
+        if answering is not None:
+            if not answering.done():
+                answering.cancel()
+            elif not answering.cancelled():
+                answering.exception()  # seen: a failed start is this stop's reason, not a bug
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return

@@ -1,9 +1,7 @@
-"""Run a program that dies with its parent. Two modes, both Linux-only and standard library only
-(the launcher starts for every git, uv and install.py call, so it starts fast: ``python -I -S``).
-
-``launch.py PARENT_PID -- PROGRAM [ARGS...]`` (``dies_with_us``): set the parent-death signal
-(prctl PR_SET_PDEATHSIG, kept across execve) and exec the program. For supervisord: if the agent
-is SIGKILLed, supervisord gets SIGTERM and stops its programs as usual.
+"""Run a program that dies with its parent, with everything it starts. Linux-only and standard
+library only (the launcher starts for every git, uv and install.py call, so it starts fast:
+``python -I -S``). supervisord sets its own parent-death signal instead
+(services/supervisor/supervisord.py, ``DIE_WITH_FLAG``): no launcher in front of it.
 
 ``launch.py --group [--grace S] PARENT_PID -- PROGRAM [ARGS...]`` (``in_own_group``): a tiny
 reaper for programs the agent runs to completion (git, uv, install.py, the self-test). A parent-
@@ -58,9 +56,8 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
     return _prctl(PR_SET_PDEATHSIG, int(sig))
 
 
-def dies_with_us(argv: list[str]) -> list[str]:
-    """``argv`` wrapped so the program gets SIGTERM if this process dies (even by SIGKILL)."""
-    return [sys.executable, "-m", "services.supervisor.launch", str(os.getpid()), "--", *argv]
+# supervisord's own flag (services/supervisor/supervisord.py): ``--die-with AGENT_PID``.
+DIE_WITH_FLAG = "--die-with"
 
 
 class LaunchRefused(RuntimeError):
@@ -255,7 +252,7 @@ def run_group(parent: int, program: list[str], grace: float) -> int:
 
 def _usage() -> int:
     print(
-        "usage: launch.py [--group [--grace SECONDS]] PARENT_PID -- PROGRAM [ARGS...]",
+        "usage: launch.py --group [--grace SECONDS] PARENT_PID -- PROGRAM [ARGS...]",
         file=sys.stderr,
     )
     return 2
@@ -263,28 +260,18 @@ def _usage() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    group, grace = False, DEFAULT_GRACE_S
-    if args[:1] == [GROUP_FLAG]:
-        group, args = True, args[1:]
-        if args[:1] == ["--grace"]:
-            try:
-                grace, args = float(args[1]), args[2:]
-            except (IndexError, ValueError):
-                return _usage()
+    grace = DEFAULT_GRACE_S
+    if args[:1] != [GROUP_FLAG]:
+        return _usage()
+    args = args[1:]
+    if args[:1] == ["--grace"]:
+        try:
+            grace, args = float(args[1]), args[2:]
+        except (IndexError, ValueError):
+            return _usage()
     if len(args) < 3 or args[1] != "--" or not args[0].isdigit():
         return _usage()
-    parent, program = int(args[0]), args[2:]
-    if group:
-        return run_group(parent, program, grace)
-    set_parent_death_signal()
-    # The parent may have died before prctl took effect: then nobody would stop us.
-    if os.getppid() != parent:
-        return 1
-    # A shell's background job starts with SIGINT ignored; ignored signals survive exec and
-    # supervisord's children (ComfyUI stops cleanly only on SIGINT) would inherit that.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.execvp(program[0], program)
-    return 127  # not reached
+    return run_group(int(args[0]), args[2:], grace)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor.xmlrpc import SupervisorTransport
-
 from config.errors import SupervisorError
 from services.supervisor.states import Fault, ProcessState
 
@@ -56,6 +54,9 @@ class SupervisorRpc:
         self._socket_path = socket_path
 
     def _call(self, method: str, *args: Any) -> Any:
+        # Loaded at the first call, in a worker thread: a warm boot spawns supervisord before.
+        from supervisor.xmlrpc import SupervisorTransport
+
         # A fresh proxy per call: ServerProxy is not safe to share between threads.
         proxy = xmlrpc.client.ServerProxy(
             "http://127.0.0.1", transport=SupervisorTransport(None, None, self._url)

@@ -1,5 +1,8 @@
 """supervisord with logging a full disk cannot kill: ``python -m services.supervisor.supervisord
--n -c CONF`` is supervisord itself, its log handlers made to drop what they cannot write.
+--die-with AGENT_PID -n -c CONF`` is supervisord itself, its log handlers made to drop what they
+cannot write, and dying with the agent: ``--die-with`` sets the parent-death signal (SIGTERM, so
+supervisord stops its programs as usual even when the agent is SIGKILLed) before supervisord
+starts, with no launcher process in front (one Python start less on a warm boot's path).
 
 Why (supervisor 4.x, supervisor/loggers.py): ``Handler.emit`` catches a failed write and calls
 ``handleError``, which prints the traceback to supervisord's stderr, unguarded: when that cannot
@@ -19,10 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from typing import Any
 
 from supervisor import loggers
+
+from services.supervisor.launch import DIE_WITH_FLAG, set_parent_death_signal
 
 _PATCHED = "_comfy_machine_patched"
 
@@ -80,7 +86,24 @@ def patch_loggers() -> None:
 SUPERVISORD_UMASK = 0o027
 
 
+def die_with_parent(argv: list[str]) -> None:
+    """Take ``--die-with PID`` out of ``argv``: SIGTERM when that parent dies; exit at once if
+    it is gone already (it may die before the signal is set: then nobody would stop us)."""
+    if DIE_WITH_FLAG not in argv:
+        return
+    at = argv.index(DIE_WITH_FLAG)
+    parent = int(argv[at + 1])
+    del argv[at : at + 2]
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:
+        sys.exit(1)
+    # A shell's background job starts with SIGINT ignored; ignored signals survive exec and
+    # supervisord's children (ComfyUI stops cleanly only on SIGINT) would inherit that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def main() -> None:
+    die_with_parent(sys.argv)
     os.umask(SUPERVISORD_UMASK)
     patch_loggers()
     from supervisor.supervisord import main as supervisord_main
