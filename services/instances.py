@@ -84,12 +84,6 @@ class InstanceController:
             self._by_name[inst.name] = state.instances[inst.gpu]
             self._locks[inst.name] = asyncio.Lock()
 
-    async def start(self) -> None:
-        """launch() then attach(): supervisord up and read; the reconcile loop (run) starts the
-        instances."""
-        await self.launch()
-        await self.attach()
-
     async def launch(self, start_now: bool = False) -> None:
         """Listen for events, then spawn supervisord (events from its first moment count); with
         ``start_now`` it starts every instance whose port is free itself, at once (a warm boot:

@@ -100,11 +100,6 @@ class Supervisord:
             self.plan.supervisor_conf, render_conf(self.plan, autostart), mode=0o600
         )
 
-    async def start(self, autostart: Collection[str] = ()) -> None:
-        """Start ``supervisord -n`` (dies with the agent) and wait until its RPC answers."""
-        await self.spawn(autostart)
-        await self.wait_answering()
-
     async def spawn(self, autostart: Collection[str] = ()) -> None:
         """Start ``supervisord -n`` (dies with the agent), starting the ``autostart`` programs
         itself; wait_answering() then waits for its RPC."""
