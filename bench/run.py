@@ -22,6 +22,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from health_rps import SERVER  # noqa: E402  (bench/ is this script's directory)
+
 from machine.demo import prepare_standin_repo  # noqa: E402
 from tests.support import Node, free_port_range, http_json, wait_until  # noqa: E402
 
@@ -139,38 +141,10 @@ async def _load(url: str) -> list[float]:
     return latencies
 
 
-SERVERS = r'''
-import asyncio, sys
-from aiohttp import web
-kind, port = sys.argv[1], int(sys.argv[2])
-sys.path.insert(0, sys.argv[3])
-from health.server import HEALTH_BACKLOG, start_health_server
-
-
-async def main():
-    if kind == "bare":
-        app = web.Application()
-
-        async def handler(request):
-            return web.json_response({"status": "ready", "phase": "READY", "reasons": []})
-
-        app.router.add_get("/health/comfyui", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=HEALTH_BACKLOG).start()
-    else:  # the product's own server, as `up` starts it, over a node of 8 ready instances
-        from tests.unit.test_checks import instance, make_ready, node
-        state = node(*(make_ready(instance(i), pid=1000 + i) for i in range(8)))
-        await start_health_server(state, "127.0.0.1", port)
-    await asyncio.Event().wait()
-
-asyncio.run(main())
-'''
-
-
 def health_latency(kind: str) -> dict[str, float]:
     port = free_port_range(1)
-    proc = subprocess.Popen([sys.executable, "-c", SERVERS, kind, str(port), str(ROOT)])
+    # The same servers as health_rps.py: a bare aiohttp handler, or the product's over 8 instances.
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, kind, "asyncio", str(port), str(ROOT)])
     try:
         url = f"http://127.0.0.1:{port}/health/comfyui"
         wait_until(lambda: http_json(url, 1)[0] == 200, 30, f"{kind} server", interval=0.01)

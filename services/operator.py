@@ -70,22 +70,24 @@ class OperatorActions:
 
     async def drain(self, gpu: int) -> Answer:
         inst = self.state.instances[gpu]
-        if (refused := self._unavailable("drain", inst)) is not None:
-            return refused
-        inst.draining = True
-        self.state.changed()
-        return 200, _body("drain", inst, True, f"{inst.plan.name} accepts no new work; the "
-                          "prompts it has finish", queue_running=inst.queue_running,
-                          queue_pending=inst.queue_pending)
+        return self._set_draining("drain", inst, True) or (
+            200, _body("drain", inst, True, f"{inst.plan.name} accepts no new work; the prompts "
+                       "it has finish", queue_running=inst.queue_running,
+                       queue_pending=inst.queue_pending))
 
     async def undrain(self, gpu: int) -> Answer:
         inst = self.state.instances[gpu]
-        if (refused := self._unavailable("undrain", inst)) is not None:
-            return refused
-        inst.draining = False
-        self.state.changed()
-        return 200, _body("undrain", inst, True, f"{inst.plan.name} accepts work again "
-                          "once it is ready")
+        return self._set_draining("undrain", inst, False) or (
+            200, _body("undrain", inst, True, f"{inst.plan.name} accepts work again once it is "
+                       "ready"))
+
+    def _set_draining(self, action: str, inst: InstanceState, draining: bool) -> Answer | None:
+        """Mark ``inst`` (un)draining; the refusal to answer instead, if the node cannot."""
+        refused = self._unavailable(action, inst)
+        if refused is None:
+            inst.draining = draining
+            self.state.changed()
+        return refused
 
     async def retest(self, gpu: int) -> Answer:
         """The sentinel self-test again (never the cached pass); the quarantine is lifted
