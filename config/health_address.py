@@ -18,6 +18,9 @@ import re
 from collections.abc import Mapping
 
 CONFIG_ENV = "MACHINE_CONFIG"
+# Where the workspace is unless said otherwise (Settings; the warm boot's head start).
+WORKSPACE_ENV = "MACHINE_WORKSPACE"
+WORKSPACE_DEFAULT = "/workspace"
 HEALTH_PORT_ENV = "MACHINE_HEALTH_PORT"
 HEALTH_LISTEN_ENV = "MACHINE_HEALTH_LISTEN"
 HEALTH_PORT_DEFAULT = 9188

@@ -22,7 +22,12 @@ from pydantic_settings import (
 
 from config.errors import ConfigError, Problem
 from config.git_input import GitAuth, redact_urls, ref_problem, url_problem
-from config.health_address import CONFIG_ENV, HEALTH_LISTEN_DEFAULT, HEALTH_PORT_DEFAULT
+from config.health_address import (
+    CONFIG_ENV,
+    HEALTH_LISTEN_DEFAULT,
+    HEALTH_PORT_DEFAULT,
+    WORKSPACE_DEFAULT,
+)
 from config.models import ENV_NAME, ModelEntry, build_model_specs
 from config.nodes import (
     DEFAULT_REGISTRY_URL,
@@ -199,7 +204,7 @@ class Settings(BaseSettings):
     download_retries: int = Field(
         5, ge=0, le=100, description="retries of a dropped model download (with backoff), 0-100"
     )
-    machine_workspace: Path = Field(Path("/workspace"), description="a writable directory")
+    machine_workspace: Path = Field(Path(WORKSPACE_DEFAULT), description="a writable directory")
     # The defaults live in config/health_address.py, which the CLI reads them with without
     # loading Settings (`status`, `wait-ready`: issue 14).
     machine_health_port: int = Field(
@@ -833,6 +838,28 @@ def instance_withheld_env(settings: Settings) -> frozenset[str]:
     names.update(e.auth_env for e in settings.custom_nodes if e.auth_env)
     names.update(m.auth_env for m in settings.models if m.auth_env)
     return frozenset(names - set(settings.instance_pass_env))
+
+
+def input_files(settings: Settings) -> list[str]:
+    """Every file and directory the settings name (MACHINE_CONFIG, the snapshot, workflows,
+    paths): with the environment, all that settings are read from."""
+    found: set[str] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, Path):
+            found.add(str(value))
+        elif isinstance(value, BaseModel):
+            for item in value.__dict__.values():
+                walk(item)
+        elif isinstance(value, list | tuple | set | frozenset):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(settings)
+    return sorted(found)
 
 
 def _custom_nodes(

@@ -23,6 +23,7 @@ from machine.warm_start import (
     Launched,
     install_inputs,
     launch,
+    leave_head_start,
     new_state,
     stop_launched,
     warm_launch,
@@ -318,6 +319,7 @@ async def _boot(
                 await _install(settings, plan, state)
         elif plan.instances:
             await _install(settings, plan, state)
+        await asyncio.to_thread(leave_head_start, settings, plan)
         state.set_phase(Phase.DOWNLOADING)
         fetcher = await models_step(
             settings, state, plan.extra_model_paths, plan.extra_model_paths_yaml

@@ -23,7 +23,12 @@ from config.health_address import env_health_address, health_base_url
 if TYPE_CHECKING:
     from config.settings import Settings
     from services.plan import NodePlan
+    from services.supervisor.head_start import HeadStart
     from services.workspace_lock import WorkspaceLock
+
+# A head start the boot did not keep (its settings failed, say): supervisord stops its programs
+# within their stop timeouts; then its session is killed.
+HEAD_START_STOP_GRACE_S = 30.0
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -57,7 +62,13 @@ def _plan(settings: Settings) -> NodePlan:
     return build_plan(settings, nvml_for(settings))
 
 
-def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | None = None) -> int:
+def _serve(
+    settings: Settings,
+    plan: NodePlan,
+    on_ready: Callable[[], None] | None = None,
+    head: HeadStart | None = None,
+    early_stops: list[int] | None = None,
+) -> int:
     import asyncio
     import importlib
     import signal
@@ -75,8 +86,10 @@ def _serve(settings: Settings, plan: NodePlan, on_ready: Callable[[], None] | No
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        for _ in early_stops or ():  # received while the settings loaded
+            on_signal()
         state = new_state(settings, plan)
-        launched = warm_launch(settings, plan, state)
+        launched = warm_launch(settings, plan, state, head)
         # The rest of the agent (health server, installer, HTTP clients: ~0.5 s of imports) loads
         # in a thread while a warm launch starts supervisord and the instances on this loop.
         boot = await asyncio.to_thread(importlib.import_module, "machine.boot")
@@ -102,11 +115,54 @@ def _own(workspace: Path, command: str, source: str = "MACHINE_WORKSPACE") -> Wo
     return acquire_workspace(workspace, f"comfy-machine {command}", source)
 
 
+def _head_start() -> HeadStart | None:
+    """On a warm boot whose inputs are those of the last one: supervisord started from its
+    record before Settings is even imported (services/supervisor/head_start.py)."""
+    from services.supervisor.head_start import guess_workspace, record_path, try_head_start
+    from services.workspace_lock import acquire as acquire_workspace
+
+    workspace = guess_workspace(os.environ)
+    if not record_path(workspace).is_file():
+        return None
+    try:
+        # Held from here to the end of `up` (_own takes the same lock again).
+        acquire_workspace(workspace, "comfy-machine up")
+        return try_head_start(os.environ, workspace)
+    except (MachineError, OSError) as exc:  # the boot proper reports what stands in the way
+        import logging
+
+        logging.getLogger(__name__).info("no head start", extra={"fields": {"reason": str(exc)}})
+        return None
+    except Exception:  # a bug here must not stop the boot: it goes on as without a record
+        import logging
+
+        logging.getLogger(__name__).exception("no head start: it failed")
+        return None
+
+
+def _defer_stop_signals() -> list[int]:
+    """SIGTERM and SIGINT from now on are noted, for _serve to act on: a head start's
+    supervisord is running before the agent's own handlers are set, and a stop must stop it in
+    order, as any other."""
+    import signal
+
+    noted: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: noted.append(signum))
+    return noted
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    plan = _plan(settings)
-    with _own(settings.machine_workspace, "up"):
-        return _serve(settings, plan)
+    early_stops = _defer_stop_signals()
+    head = _head_start()
+    try:
+        settings = load_settings()
+        plan = _plan(settings)
+        with _own(settings.machine_workspace, "up"):
+            return _serve(settings, plan, head=head, early_stops=early_stops)
+    finally:
+        if head is not None and not head.adopted:
+            head.stop(HEAD_START_STOP_GRACE_S)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

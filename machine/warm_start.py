@@ -6,25 +6,43 @@ import on purpose: what this module imports is on the path to the instances' sta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+import os
 from typing import TYPE_CHECKING
 
 from config.errors import MachineError
 from config.git_input import GitAuth, split_userinfo
+from config.health_address import CONFIG_ENV
 from config.settings import (
     Settings,
     custom_node_auth,
     custom_node_specs,
+    input_files,
     instance_withheld_env,
 )
 from services.backoff import policy_from as backoff_policy
 from services.fdlimit import raise_fd_limit
-from services.install.inputs import InstallInputs, default_base_python, lock_matches
+from services.install.inputs import (
+    LOCK_NAME,
+    InstallInputs,
+    default_base_python,
+    lock_matches,
+)
 from services.instances import InstanceController
 from services.models.extra_paths import write_extra_model_paths
 from services.models.options import FetchOptions
 from services.plan import NodePlan
 from services.proxy.control import write_proxy_config
 from services.state import InstanceState, MachineState, ProxyState
+from services.supervisor.conf import render_conf
+from services.supervisor.head_start import (
+    HeadStart,
+    Record,
+    inputs_digest,
+    remove_record,
+    write_record,
+)
 
 if TYPE_CHECKING:
     from services.gpu.sampler import GpuSampler
@@ -59,6 +77,8 @@ def install_inputs(settings: Settings) -> InstallInputs:
     )
 
 
+log = logging.getLogger(__name__)
+
 Launched = tuple[InstanceController, "GpuSampler | None"]
 
 
@@ -70,21 +90,86 @@ def new_state(settings: Settings, plan: NodePlan) -> MachineState:
     return state
 
 
+def _lock_matches(settings: Settings) -> bool:
+    try:
+        return lock_matches(install_inputs(settings))
+    except MachineError:
+        return False  # the boot reports any input it cannot use
+
+
 def warm_launch(
-    settings: Settings, plan: NodePlan, state: MachineState
+    settings: Settings, plan: NodePlan, state: MachineState, head: HeadStart | None = None
 ) -> asyncio.Future[Launched] | None:
     """On a warm boot (the install lock was written for these very inputs), supervisord and
     the instances start now, before anything else the boot does: ComfyUI's own start is the
-    long part, and the boot verifies the installation while it runs. None otherwise (the boot
-    reports any input it cannot use)."""
-    try:
-        if not plan.instances or not lock_matches(install_inputs(settings)):
-            return None
-    except MachineError:
+    long part, and the boot verifies the installation while it runs. ``head``: supervisord
+    already started from the last boot's record, kept if this plan would start the very same,
+    else stopped first. None when this is no warm boot."""
+    if head is not None:
+        reason = head_start_mismatch(settings, plan, head.record)
+        if reason is None:
+            return asyncio.ensure_future(launch(settings, plan, state, True, head))
+        log.info("head start stopped", extra={"fields": {"reason": reason}})
+        head.stop(plan.policy.stop_timeout + 3.0)
+    if not plan.instances or not _lock_matches(settings):
         return None
     # Children inherit the open-files limit: raised before supervisord starts, as on a cold boot.
     raise_fd_limit()
     return asyncio.ensure_future(launch(settings, plan, state, start_now=True))
+
+
+def _eligible(plan: NodePlan) -> bool:
+    # GPU mode: NVML and the self-test come before any instance; a proxy needs its token file.
+    return bool(plan.instances) and plan.cpu_only and plan.proxy is None
+
+
+def head_start_record(settings: Settings, plan: NodePlan) -> Record | None:
+    """What the next boot needs to start supervisord before reading its settings (see
+    services/supervisor/head_start.py); None where a head start does not apply."""
+    if not _eligible(plan):
+        return None
+    env_names = sorted({name.upper() for name in Settings.model_fields} | {CONFIG_ENV})
+    files = [*input_files(settings), str(settings.machine_workspace / LOCK_NAME)]
+    return Record(
+        digest=inputs_digest(os.environ, env_names, files),
+        env_names=tuple(env_names),
+        files=tuple(files),
+        workspace=str(plan.workspace),
+        conf_path=str(plan.supervisor_conf),
+        conf=render_conf(plan, [inst.name for inst in plan.instances]),
+        instances=tuple(inst.name for inst in plan.instances),
+        output_path=str(plan.log_dir / "supervisord.out"),
+        events_socket=str(plan.events_socket),
+        ports=tuple((inst.listen, inst.port) for inst in plan.instances),
+        withheld_env=plan.withheld_env,
+        dirs=tuple(str(d) for d in plan.instance_dirs),
+        extra_model_paths=str(plan.extra_model_paths) if plan.extra_model_paths else None,
+        extra_model_paths_yaml=plan.extra_model_paths_yaml,
+    )
+
+
+def leave_head_start(settings: Settings, plan: NodePlan) -> None:
+    """After the installation was verified: the record the next boot starts from (or none)."""
+    record = head_start_record(settings, plan)
+    if record is None:
+        remove_record(plan.workspace)
+    else:
+        write_record(record)
+
+
+def head_start_mismatch(settings: Settings, plan: NodePlan, record: Record) -> str | None:
+    """Why what a head start launched is not what this boot would launch; None when it is."""
+    expected = head_start_record(settings, plan)
+    if expected is None:
+        return "GPU mode, a proxy or no instance: no head start applies"
+    same = dataclasses.replace(
+        expected, digest=record.digest, env_names=record.env_names, files=record.files
+    )
+    if same != record:
+        return "the settings give another supervisord.conf, environment or model paths"
+    if not _lock_matches(settings):
+        return "the installation's lock does not match the settings"
+    return None
 
 
 async def stop_launched(
@@ -103,7 +188,11 @@ async def stop_launched(
 
 
 async def launch(
-    settings: Settings, plan: NodePlan, state: MachineState, start_now: bool
+    settings: Settings,
+    plan: NodePlan,
+    state: MachineState,
+    start_now: bool,
+    head: HeadStart | None = None,
 ) -> Launched:
     """supervisord, and with ``start_now`` every instance (its port free, its GPU not
     quarantined) started by supervisord itself (call attach() later); else the reconcile loop
@@ -126,7 +215,7 @@ async def launch(
     if sampler is not None:
         sampler.quarantine = controller.quarantine
     try:
-        await controller.launch(start_now)
+        await controller.launch(start_now, head)
         if not start_now:
             await controller.attach()
     except (Exception, asyncio.CancelledError):

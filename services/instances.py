@@ -21,6 +21,7 @@ from services.proxy.control import ProxyControl
 from services.state import InstanceState, MachineState, Phase
 from services.supervisor.daemon import Supervisord
 from services.supervisor.events import EventReceiver, ProcessEvent
+from services.supervisor.head_start import HeadStart
 from services.supervisor.rpc import ProcessInfo, RpcFault
 from services.supervisor.states import (
     EXITED_STATES,
@@ -84,13 +85,17 @@ class InstanceController:
             self._by_name[inst.name] = state.instances[inst.gpu]
             self._locks[inst.name] = asyncio.Lock()
 
-    async def launch(self, start_now: bool = False) -> None:
+    async def launch(self, start_now: bool = False, head: HeadStart | None = None) -> None:
         """Listen for events, then spawn supervisord (events from its first moment count); with
         ``start_now`` it starts every instance whose port is free itself, at once (a warm boot:
-        no RPC round trip before ComfyUI's own start)."""
+        no RPC round trip before ComfyUI's own start). ``head``: a head start's supervisord,
+        already started from this plan's very conf, is adopted instead."""
         self.supervisord.prepare_dirs()
-        await self._receiver.start()
+        await self._receiver.start(head.events if head is not None else None)
         self.state.supervisor_expected = True
+        if head is not None:
+            self.supervisord.adopt(head)
+            return
         autostart = []
         if start_now:
             for inst in self.state.instances.values():

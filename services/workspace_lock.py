@@ -132,8 +132,12 @@ def acquire(workspace: Path, command: str, source: str = "MACHINE_WORKSPACE") ->
     """Take ``workspace``'s owner lock for this process before anything in it is touched.
 
     Raises WorkspaceBusy (exit 2) naming the live owner, or ConfigError when the workspace
-    cannot hold the lock at all (a file in the way, read-only)."""
+    cannot hold the lock at all (a file in the way, read-only). This process asking again
+    gets the lock it holds (a warm boot's head start takes it before `up` reads its settings)."""
     path = lock_path(workspace)
+    held = _held.get(_key(path))
+    if held is not None and held.held:
+        return held
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = _try_lock(path)

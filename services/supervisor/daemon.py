@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -18,7 +17,8 @@ from config.errors import SupervisorError, WorkspaceBusy
 from services.files import atomic_write_text, file_identity, open_private, unlink_if_same
 from services.plan import NodePlan
 from services.supervisor.conf import render_conf
-from services.supervisor.launch import DIE_WITH_FLAG
+from services.supervisor.head_start import AdoptedProcess, HeadStart
+from services.supervisor.launch import supervisord_argv
 from services.supervisor.rpc import SupervisorRpc
 from services.workspace_lock import busy_message, live_owner
 
@@ -105,17 +105,7 @@ class Supervisord:
         itself; wait_answering() then waits for its RPC."""
         await asyncio.to_thread(reap_stale, self.plan, self.plan.policy.stop_timeout + 5.0)
         self.write_conf(autostart)
-        argv = [
-            sys.executable,
-            "-m",
-            # supervisord itself, with log handlers a full disk cannot kill, dying with us
-            "services.supervisor.supervisord",
-            DIE_WITH_FLAG,
-            str(os.getpid()),
-            "-n",
-            "-c",
-            str(self.plan.supervisor_conf),
-        ]
+        argv = supervisord_argv(self.plan.supervisor_conf)
         with open_private(self.output_path, "ab") as out:
             # Own session: a terminal's Ctrl-C reaches the agent alone, which stops the rest.
             self._proc = await asyncio.create_subprocess_exec(
@@ -129,9 +119,17 @@ class Supervisord:
             )
         log.info("supervisord started", extra={"fields": {
             "pid": self._proc.pid, "starts_at_once": list(autostart)}})
-        # Asked from now on, not when the boot gets to it: supervisord starts its autostart
-        # programs only once its main loop first wakes (its idle poll lasts 1 s), and the first
-        # RPC connection is what wakes it.
+        # Asked from now on, not when the boot gets to it: the boot waits on it.
+        self._answering = asyncio.ensure_future(self._until_answering())
+
+    def adopt(self, head: HeadStart) -> None:
+        """Take over the supervisord a head start launched from this very plan's conf (the boot
+        checked that); wait_answering() then waits for its RPC."""
+        self._proc = AdoptedProcess(head.proc)  # type: ignore[assignment]
+        head.adopted = True
+        log.info(
+            "supervisord adopted from the head start", extra={"fields": {"pid": head.proc.pid}}
+        )
         self._answering = asyncio.ensure_future(self._until_answering())
 
     async def wait_answering(self) -> None:

@@ -72,18 +72,24 @@ class EventReceiver:
         self._transport: asyncio.DatagramTransport | None = None
         self._bound: tuple[int, int] | None = None  # the socket file we created
 
-    async def start(self) -> None:
+    async def start(self, bound: socket.socket | None = None) -> None:
+        """Bind the socket (or take ``bound``, already bound to it: a head start's, whose
+        datagrams wait in it) and receive."""
+        sock = bound if bound is not None else self._bind()
+        self._bound = file_identity(self._path)
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(self._on_event), sock=sock
+        )
+
+    def _bind(self) -> socket.socket:
         # A socket already here is a dead owner's: the workspace lock keeps live ones out.
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(self._path))
-        self._bound = file_identity(self._path)
         self._path.chmod(0o600)
-        loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self._on_event), sock=sock
-        )
+        return sock
 
     def close(self) -> None:
         # Only the socket this receiver bound, never one another agent has bound since; checked

@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -58,6 +59,21 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
 
 # supervisord's own flag (services/supervisor/supervisord.py): ``--die-with AGENT_PID``.
 DIE_WITH_FLAG = "--die-with"
+
+
+def supervisord_argv(conf: Path) -> list[str]:
+    """``supervisord -n -c CONF`` as the agent starts it: its log handlers made safe on a full
+    disk, and dying with this process (services/supervisor/supervisord.py)."""
+    return [
+        sys.executable,
+        "-m",
+        "services.supervisor.supervisord",
+        DIE_WITH_FLAG,
+        str(os.getpid()),
+        "-n",
+        "-c",
+        str(conf),
+    ]
 
 
 class LaunchRefused(RuntimeError):

@@ -81,6 +81,28 @@ def patch_loggers() -> None:
     setattr(loggers, _PATCHED, True)
 
 
+def start_programs_at_once() -> None:
+    """supervisord starts its autostart programs after its main loop's first poll, which waits
+    up to 1 s for a socket to wake it: make that first poll return at once, so the instances
+    start as soon as supervisord is up, whether or not the agent has asked it anything yet (a
+    warm boot starts supervisord before the agent has even read its settings: issue 14)."""
+    from supervisor import poller
+
+    cls = poller.Poller
+    if getattr(cls, _PATCHED, False):
+        return
+    poll = cls.poll
+
+    def first_poll_at_once(self: Any, timeout: float) -> Any:
+        if not getattr(self, "_polled", False):
+            self._polled = True
+            timeout = 0
+        return poll(self, timeout)
+
+    cls.poll = first_poll_at_once
+    setattr(cls, _PATCHED, True)
+
+
 # The logs supervisord creates (its own, every instance's) are 0640; each program sets its own
 # umask (conf.py). Set here, not by the agent's spawn: uvloop's subprocess_exec has no umask=.
 SUPERVISORD_UMASK = 0o027
@@ -106,6 +128,7 @@ def main() -> None:
     die_with_parent(sys.argv)
     os.umask(SUPERVISORD_UMASK)
     patch_loggers()
+    start_programs_at_once()
     from supervisor.supervisord import main as supervisord_main
 
     supervisord_main()
