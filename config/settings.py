@@ -840,6 +840,11 @@ def instance_withheld_env(settings: Settings) -> frozenset[str]:
     return frozenset(names - set(settings.instance_pass_env))
 
 
+def input_env_names() -> list[str]:
+    """Every environment variable Settings reads (config/inputs_digest.py)."""
+    return sorted({name.upper() for name in Settings.model_fields} | {CONFIG_ENV})
+
+
 def input_files(settings: Settings) -> list[str]:
     """Every file and directory the settings name (MACHINE_CONFIG, the snapshot, workflows,
     paths): with the environment, all that settings are read from."""

@@ -251,48 +251,70 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from machine.plan_cache import cached_plan, keep_plan
+
+    kept = cached_plan(os.environ, args.json)
+    if kept is not None:  # made from these very inputs (machine/plan_cache.py)
+        sys.stdout.write(kept)
+        return 0
+    from config.settings import input_env_names, input_files
+
+    settings = load_settings()
+    plan = _plan(settings)
+    text = _plan_text(settings, plan, args.json)
+    sys.stdout.write(text)
+    # GPU mode asks NVML and the proxy looks for its binary: inputs the cache does not cover.
+    if plan.proxy is None and (settings.comfyui_cpu_only or not settings.enable_comfyui):
+        keep_plan(os.environ, args.json, input_env_names(), input_files(settings), text)
+    return 0
+
+
+def _plan_text(settings: Settings, plan: NodePlan, as_json: bool) -> str:
+    """What `plan` prints: the plan, the custom nodes and the supervisord.conf."""
     from config.git_input import public_git_url
     from config.settings import custom_node_specs
     from services.supervisor.conf import render_conf
 
-    settings = load_settings()
-    plan = _plan(settings)
     conf = render_conf(plan)
     specs, comfyui_ref = custom_node_specs(settings)
-    if args.json:
-        print(json.dumps({"plan": _jsonable(plan), "comfyui_ref": comfyui_ref,
-                          "custom_nodes": _jsonable(specs), "supervisord_conf": conf}, indent=2))
-        return 0
-    print(f"workspace: {plan.workspace}")
-    print(f"ComfyUI:   {public_git_url(settings.comfyui_repo)} @ {comfyui_ref} -> "
-          f"{plan.install_path}")
+    if as_json:
+        return json.dumps({"plan": _jsonable(plan), "comfyui_ref": comfyui_ref,
+                           "custom_nodes": _jsonable(specs), "supervisord_conf": conf},
+                          indent=2) + "\n"
+    lines = [
+        f"workspace: {plan.workspace}",
+        f"ComfyUI:   {public_git_url(settings.comfyui_repo)} @ {comfyui_ref} -> "
+        f"{plan.install_path}",
+    ]
     for spec in specs:
         flags = ", ".join(f for f, on in (("required", spec.required),
                                           ("disabled", not spec.enabled)) if on)
-        print(f"  node:    {spec.name}: {spec.url} @ {spec.ref}{f' ({flags})' if flags else ''}")
-    print(f"health:    http://{plan.health_listen}:{plan.health_port}/health/comfyui")
-    print(f"instances: {len(plan.instances)}{' (CPU mode)' if plan.cpu_only else ''}")
+        lines.append(
+            f"  node:    {spec.name}: {spec.url} @ {spec.ref}{f' ({flags})' if flags else ''}")
+    lines.append(f"health:    http://{plan.health_listen}:{plan.health_port}/health/comfyui")
+    lines.append(f"instances: {len(plan.instances)}{' (CPU mode)' if plan.cpu_only else ''}")
     for inst in plan.instances:
-        print(
+        lines.append(
             f"- {inst.name}: gpu {inst.gpu} ({inst.gpu_name}, {inst.gpu_uuid}) port {inst.port}"
             f" url {inst.url}"
         )
-        print(f"    env:  {' '.join(f'{k}={v}' for k, v in inst.env.items())}")
-        print(f"    argv: {' '.join(inst.argv)}")
-        print(f"    cwd:  {inst.cwd}   log: {inst.log_path}")
+        lines.append(f"    env:  {' '.join(f'{k}={v}' for k, v in inst.env.items())}")
+        lines.append(f"    argv: {' '.join(inst.argv)}")
+        lines.append(f"    cwd:  {inst.cwd}   log: {inst.log_path}")
         if inst.public_url:
-            print(f"    public: {inst.public_url} (through the proxy, with the access token)")
+            lines.append(
+                f"    public: {inst.public_url} (through the proxy, with the access token)")
     if plan.proxy is not None:
         proxy = plan.proxy
-        print(f"proxy:     {proxy.name}: Caddy on {proxy.listen}, ports "
-              f"{', '.join(str(p) for p in proxy.ports)} ({proxy.scheme}), access token "
-              "required (COMFYUI_ACCESS_TOKEN)")
-        print(f"    config: {proxy.config_path} (written 0600 at boot; holds the token, "
-              "not shown)")
-        print(f"    argv:   {' '.join(proxy.argv)}   log: {proxy.log_path}")
-    print(f"\n# {plan.supervisor_conf} (not written)")
-    print(conf)
-    return 0
+        lines.append(f"proxy:     {proxy.name}: Caddy on {proxy.listen}, ports "
+                     f"{', '.join(str(p) for p in proxy.ports)} ({proxy.scheme}), access token "
+                     "required (COMFYUI_ACCESS_TOKEN)")
+        lines.append(f"    config: {proxy.config_path} (written 0600 at boot; holds the token, "
+                     "not shown)")
+        lines.append(f"    argv:   {' '.join(proxy.argv)}   log: {proxy.log_path}")
+    lines.append(f"\n# {plan.supervisor_conf} (not written)")
+    lines.append(conf)
+    return "\n".join(lines) + "\n"
 
 
 def _health_base(args: argparse.Namespace) -> str:

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 
 from config.errors import MachineError
 from config.git_input import GitAuth, split_userinfo
-from config.health_address import CONFIG_ENV
+from config.inputs_digest import inputs_digest
 from config.settings import (
     Settings,
     custom_node_auth,
     custom_node_specs,
+    input_env_names,
     input_files,
     instance_withheld_env,
 )
@@ -39,7 +40,6 @@ from services.supervisor.conf import render_conf
 from services.supervisor.head_start import (
     HeadStart,
     Record,
-    inputs_digest,
     remove_record,
     write_record,
 )
@@ -128,7 +128,7 @@ def head_start_record(settings: Settings, plan: NodePlan) -> Record | None:
     services/supervisor/head_start.py); None where a head start does not apply."""
     if not _eligible(plan):
         return None
-    env_names = sorted({name.upper() for name in Settings.model_fields} | {CONFIG_ENV})
+    env_names = input_env_names()
     files = [*input_files(settings), str(settings.machine_workspace / LOCK_NAME)]
     return Record(
         digest=inputs_digest(os.environ, env_names, files),

@@ -1,12 +1,30 @@
-"""Session-wide: no directory a test made under /tmp outlives the run."""
+"""Session-wide: no directory a test made under /tmp outlives the run, and no test writes the
+user's own cache (`plan` keeps its last answer there: machine/plan_cache.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 
 from tests.support import SHORT_TMPDIRS
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_home() -> Iterator[str]:
+    """XDG_CACHE_HOME for the whole run (every CLI and agent the tests start inherits it)."""
+    path = tempfile.mkdtemp(prefix="cm-cache-")
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = path
+    yield path
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import signal
 import socket
-import stat
 import subprocess
-import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from config.health_address import CONFIG_ENV, WORKSPACE_DEFAULT, WORKSPACE_ENV
+from config.inputs_digest import inputs_digest
 from services.fdlimit import raise_fd_limit
 from services.files import atomic_write_text, open_private
 from services.ports import port_in_use
@@ -43,10 +41,6 @@ from services.supervisor.launch import supervisord_argv
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "head-start.json"
-RECORD_VERSION = 1
-# The agent's own packages: a changed agent may read the same inputs differently.
-_CODE_ROOT = Path(__file__).resolve().parents[2]
-_PACKAGES = ("config", "services", "health", "machine")
 
 
 @dataclass(frozen=True)
@@ -71,51 +65,6 @@ class Record:
 
 def record_path(workspace: Path) -> Path:
     return workspace / "run" / RECORD_NAME
-
-
-def _identity(path: str) -> list[object]:
-    """What tells a changed file from an unchanged one (for a directory: which one it is;
-    its mtime moves whenever a file is added to it)."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return [path, exc.errno]
-    if stat.S_ISDIR(st.st_mode):
-        return [path, st.st_dev, st.st_ino, st.st_mode]
-    return [path, st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns]
-
-
-def code_identity() -> list[object]:
-    """Every source file of the agent, by name, size and mtime (~120 stats)."""
-    found: list[object] = []
-    for package in _PACKAGES:
-        for folder, dirs, files in os.walk(_CODE_ROOT / package):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-            for name in sorted(files):
-                if name.endswith(".py"):
-                    st = os.stat(os.path.join(folder, name))
-                    found.append([os.path.join(folder, name), st.st_size, st.st_mtime_ns])
-    return found
-
-
-def inputs_digest(
-    environ: Mapping[str, str], env_names: Iterable[str], files: Iterable[str]
-) -> str:
-    """One SHA-256 over everything settings are read from, as of now."""
-    env = {key.upper(): value for key, value in environ.items()}  # as load_settings reads it
-    blob = json.dumps(
-        [
-            RECORD_VERSION,
-            sorted((name, env.get(name) or None) for name in env_names),
-            [_identity(path) for path in files],
-            os.getcwd(),
-            os.geteuid(),
-            sys.executable,
-            sys.version,
-            code_identity(),
-        ]
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def write_record(record: Record) -> None:

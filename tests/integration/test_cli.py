@@ -237,3 +237,64 @@ def test_closed_pipe_stops_quietly(workspace: Path) -> None:
         stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+
+
+# `plan` in a fresh interpreter, reporting whether it loaded Settings (pydantic).
+PLAN_PROBE = """
+import contextlib, io, json, sys
+from machine.cli import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    code = main(sys.argv[1:])
+print(json.dumps({"code": code, "out": out.getvalue(), "settings": "pydantic" in sys.modules}))
+"""
+
+
+def test_plan_answers_again_without_settings_until_an_input_changes(tmp_path: Path) -> None:
+    config = tmp_path / "machine.toml"
+    config.write_text("comfyui_args = '--preview-method auto'\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "COMFYUI_CPU_ONLY": "1",
+           "NUM_GPUS": "2", "MACHINE_WORKSPACE": str(tmp_path / "ws"),
+           "MACHINE_CONFIG": str(config)}
+
+    def plan(*args: str, **more: str) -> dict[str, object]:
+        out = subprocess.run([sys.executable, "-c", PLAN_PROBE, "plan", *args],
+                             env={**env, **more}, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        result: dict[str, object] = json.loads(out.stdout)
+        return result
+
+    first, again = plan(), plan()
+    assert first["settings"] and not again["settings"]
+    assert again["out"] == first["out"] and "port 8189" in str(first["out"])
+    kept = tmp_path / "cache" / "comfy-machine" / "plan.json"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    # --json is its own answer, kept apart.
+    as_json = plan("--json")
+    assert as_json["settings"] and json.loads(str(as_json["out"]))["plan"]["cpu_only"]
+    assert not plan("--json")["settings"]
+    # A changed setting, in the environment or in the file, is read again.
+    moved = plan(COMFYUI_PORT_START="9000")
+    assert moved["settings"] and "port 9001" in str(moved["out"])
+    config.write_text("comfyui_args = '--preview-method taesd'\n")
+    edited = plan()
+    assert edited["settings"] and "--preview-method taesd" in str(edited["out"])
+    assert not plan()["settings"]
+    # Half a file in the cache is no answer: computed again, and right.
+    kept.write_text(kept.read_text()[:100])
+    redone = plan()
+    assert redone["settings"] and redone["out"] == edited["out"]
+
+
+def test_plan_in_gpu_mode_is_not_kept(tmp_path: Path) -> None:
+    # NVML's answer is not an input the cache can see.
+    from services.gpu.fake import FakeGpu, FakeNvml
+
+    fake = tmp_path / "nvml.json"
+    FakeNvml.write(fake, [FakeGpu(uuid="GPU-fake0-0000-0000-0000-000000000000")])
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "MACHINE_WORKSPACE": str(tmp_path / "ws"),
+           "MACHINE_FAKE_NVML": str(fake), "COMFYUI_CPU_ONLY": "false"}
+    out = run_cli("plan", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "comfyui-gpu0: gpu 0" in out.stdout
+    assert not (tmp_path / "cache" / "comfy-machine").exists()
