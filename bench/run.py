@@ -77,7 +77,10 @@ def crash_to_503(node: Node) -> float:
 def crash_to_new_pid(node: Node) -> float:
     """Seconds from ``kill -9`` of a ready instance (a first crash: it ran long enough) to its
     new process existing: supervisord's restart, nudged by the agent (issue 14)."""
-    _, body = node.instance(0)
+    # A crash of a running instance: one that dies within supervisord's startsecs is a failed
+    # start, which supervisord retries after its own backoff.
+    _, body = wait_until(lambda: (lambda r: r if r[1].get("state") == "RUNNING" else None)(
+        node.instance(0)), 30, "RUNNING")
     old = body["pid"]
     agent = psutil.Process(node.proc.pid)  # type: ignore[union-attr]
 

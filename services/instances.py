@@ -129,7 +129,15 @@ class InstanceController:
             and not inst.in_backoff  # a restart the backoff stops; its held start counts
         ):
             inst.restarts += 1
-        if event.to_state in EXITED_STATES:
+        # A late exit of the predecessor: a refresh (supervisord's answer races its events)
+        # already adopted the live successor, which must not be taken for the dead one.
+        late = (
+            event.to_state in EXITED_STATES
+            and event.pid is not None
+            and inst.pid not in (None, event.pid)
+            and inst.process_alive
+        )
+        if event.to_state in EXITED_STATES and not late:
             inst.pid_exited = True
         # Before the new pid is adopted: the failure is judged by the start of the one that died.
         if event.to_state is ProcessState.EXITED and event.from_state is ProcessState.RUNNING:
@@ -138,9 +146,10 @@ class InstanceController:
             self._failed(inst, Failure.FATAL)
         elif event.to_state in UP_STATES:
             self._fatal_counted.discard(event.process)
-        inst.process_state = event.to_state
-        if event.pid:
-            self._adopt_pid(inst, event.pid)
+        if not late:
+            inst.process_state = event.to_state
+            if event.pid:
+                self._adopt_pid(inst, event.pid)
         if (inst.quarantined or inst.in_backoff) and event.to_state in (
             ProcessState.STARTING,
             ProcessState.BACKOFF,

@@ -100,16 +100,17 @@ class InstanceProber:
             raise ProcessGone
 
     async def run(self) -> None:
-        """Forever: wait for a live process, then probe it until it is gone."""
-        probed: int | None = None
+        """Forever: wait for a live process, then probe it until it is gone. A process that
+        looked gone and is alive again (a late event of its predecessor briefly named the old
+        pid: supervisord's answers and its events race) is followed again, never left
+        unprobed."""
         while True:
             inst = self._inst
-            if inst.pid is None or inst.pid == probed or not self._alive(inst.pid):
+            if inst.pid is None or not self._alive(inst.pid):
                 await self._state.wait_changed(self._settings.interval)
                 continue
-            probed = inst.pid
             with contextlib.suppress(ProcessGone):
-                await self._follow(probed)
+                await self._follow(inst.pid)
 
     async def _follow(self, pid: int) -> None:
         await self._wait_for_http(pid)
