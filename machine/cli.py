@@ -140,21 +140,30 @@ def _head_start() -> HeadStart | None:
         return None
 
 
-def _defer_stop_signals() -> list[int]:
-    """SIGTERM and SIGINT from now on are noted, for _serve to act on: a head start's
-    supervisord is running before the agent's own handlers are set, and a stop must stop it in
-    order, as any other."""
+def _defer_stop_signals() -> tuple[list[int], Callable[[], None]]:
+    """SIGTERM and SIGINT from now on are noted for _serve to act on (a head start's supervisord
+    runs before the agent's own handlers are set, and a stop must stop it in order, as any
+    other); and the function that gives them back their previous handlers."""
     import signal
 
     noted: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: noted.append(signum))
-    return noted
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: noted.append(signum))
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return noted, restore
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    early_stops = _defer_stop_signals()
+    early_stops, restore_signals = _defer_stop_signals()  # before supervisord may start
     head = _head_start()
+    if head is None:  # nothing started: a stop while the settings load acts as usual
+        restore_signals()
     try:
         settings = load_settings()
         plan = _plan(settings)
