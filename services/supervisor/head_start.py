@@ -13,8 +13,8 @@ withheld variables and model paths and the installation matches its lock (machin
 otherwise it stops it all before anything is reported. So a wrong guess costs time, never a
 wrong answer. CPU mode only: in GPU mode NVML and the GPU self-test come before any instance.
 
-The record holds no secret in the clear: the settings that can hold one are part of the digest
-only, and the file is 0600 in the 0700 run directory."""
+The record holds nothing that supervisord.conf beside it does not (0600, in the 0700 run
+directory): the settings that can hold a secret are part of the digest only."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from config.health_address import CONFIG_ENV, WORKSPACE_DEFAULT, WORKSPACE_ENV
 from config.inputs_digest import inputs_digest
@@ -125,18 +127,27 @@ class HeadStart:
         self.adopted = False
 
     def stop(self, grace: float) -> None:
-        """Stop supervisord (it stops its programs) and wait; kill its session after ``grace``."""
+        """Stop supervisord (it stops its programs) and wait; after ``grace``, kill what is left
+        of it and of every process under it (each program is its own process group)."""
         self.events.close()
         with contextlib.suppress(OSError):
             os.unlink(self.record.events_socket)
+        try:
+            tree = [psutil.Process(self.proc.pid)]
+            tree += tree[0].children(recursive=True)
+        except psutil.Error:
+            tree = []
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(grace)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            log.error("head start's supervisord did not stop in time; killing its process tree",
+                      extra={"fields": {"grace_s": grace}})
+        for leftover in tree:
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+        self.proc.wait()
 
 
 def _why_not(record: Record, environ: Mapping[str, str]) -> str | None:
