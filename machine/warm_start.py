@@ -123,15 +123,18 @@ def _eligible(plan: NodePlan) -> bool:
     return bool(plan.instances) and plan.cpu_only and plan.proxy is None
 
 
-def head_start_record(settings: Settings, plan: NodePlan) -> Record | None:
+def head_start_record(
+    settings: Settings, plan: NodePlan, digest: str | None = None
+) -> Record | None:
     """What the next boot needs to start supervisord before reading its settings (see
-    services/supervisor/head_start.py); None where a head start does not apply."""
+    services/supervisor/head_start.py), with the digest of the inputs as they are now unless
+    ``digest`` is given; None where a head start does not apply."""
     if not _eligible(plan):
         return None
     env_names = input_env_names()
     files = [*input_files(settings), str(settings.machine_workspace / LOCK_NAME)]
     return Record(
-        digest=inputs_digest(os.environ, env_names, files),
+        digest=digest or inputs_digest(os.environ, env_names, files),
         env_names=tuple(env_names),
         files=tuple(files),
         workspace=str(plan.workspace),
@@ -149,23 +152,27 @@ def head_start_record(settings: Settings, plan: NodePlan) -> Record | None:
 
 
 def leave_head_start(settings: Settings, plan: NodePlan) -> None:
-    """After the installation was verified: the record the next boot starts from (or none)."""
+    """After the installation was verified: the record the next boot starts from (or none).
+    It only makes the next boot faster: a record that cannot be written (a full disk) is no
+    reason to fail this one, and none is left (a stale one would only be stopped again)."""
     record = head_start_record(settings, plan)
-    if record is None:
+    try:
+        if record is None:
+            remove_record(plan.workspace)
+        else:
+            write_record(record)
+    except OSError as exc:
+        log.warning("head-start record not written; the next boot starts without it",
+                    extra={"fields": {"error": str(exc)}})
         remove_record(plan.workspace)
-    else:
-        write_record(record)
 
 
 def head_start_mismatch(settings: Settings, plan: NodePlan, record: Record) -> str | None:
     """Why what a head start launched is not what this boot would launch; None when it is."""
-    expected = head_start_record(settings, plan)
+    expected = head_start_record(settings, plan, record.digest)
     if expected is None:
         return "GPU mode, a proxy or no instance: no head start applies"
-    same = dataclasses.replace(
-        expected, digest=record.digest, env_names=record.env_names, files=record.files
-    )
-    if same != record:
+    if dataclasses.replace(expected, env_names=record.env_names, files=record.files) != record:
         return "the settings give another supervisord.conf, environment or model paths"
     if not _lock_matches(settings):
         return "the installation's lock does not match the settings"

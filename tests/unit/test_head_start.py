@@ -63,3 +63,22 @@ def test_the_workspace_is_guessed_as_settings_would_name_it(
     config.write_text("not toml [")
     assert guess_workspace({"MACHINE_CONFIG": str(config)}) == Path("/workspace")
     assert os.getcwd() == str(tmp_path)
+
+
+def test_a_record_that_cannot_be_written_does_not_fail_the_boot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from config.settings import load_settings
+    from machine.warm_start import leave_head_start
+    from services.plan import make_plan
+
+    settings = load_settings({"MACHINE_WORKSPACE": str(tmp_path), "COMFYUI_CPU_ONLY": "true"})
+    plan = make_plan(settings, [], "/agent/python")
+    leave_head_start(settings, plan)
+    assert read_record(record_path(tmp_path)) is not None
+    # Something in the way (as a full disk would be): the boot goes on, the next starts as usual.
+    record_path(tmp_path).unlink()
+    record_path(tmp_path).mkdir()
+    leave_head_start(settings, plan)
+    assert "head-start record not written" in caplog.text
+    assert read_record(record_path(tmp_path)) is None
