@@ -1,16 +1,27 @@
-"""Session-wide: no directory a test made under /tmp outlives the run, and no test writes the
-user's own cache (`plan` keeps its last answer there: machine/plan_cache.py)."""
+"""Session-wide: no directory a test made under /tmp outlives the run, no test writes the
+user's own cache (`plan` keeps its last answer there: machine/plan_cache.py), and the processes
+the tests start get SIGINT as a user's terminal would send it."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support import SHORT_TMPDIRS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Run as a shell's background job (`pytest &`, a CI script), this process starts with SIGINT
+    # ignored, and an ignored signal stays ignored in every child: a `logs -f` or an agent the
+    # tests stop with SIGINT would never see it. A handled signal is reset to the default in a
+    # child, as a terminal's Ctrl-C would find it.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
