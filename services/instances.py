@@ -129,14 +129,7 @@ class InstanceController:
             and not inst.in_backoff  # a restart the backoff stops; its held start counts
         ):
             inst.restarts += 1
-        # A late exit of the predecessor: a refresh (supervisord's answer races its events)
-        # already adopted the live successor, which must not be taken for the dead one.
-        late = (
-            event.to_state in EXITED_STATES
-            and event.pid is not None
-            and inst.pid not in (None, event.pid)
-            and inst.process_alive
-        )
+        late = inst.late_exit(event.to_state, event.pid)
         if event.to_state in EXITED_STATES and not late:
             inst.pid_exited = True
         # Before the new pid is adopted: the failure is judged by the start of the one that died.

@@ -12,7 +12,7 @@ from enum import StrEnum
 
 from services.models.workflows import WorkflowRef
 from services.plan import InstancePlan, ProxyPlan
-from services.supervisor.states import UP_STATES, ProcessState
+from services.supervisor.states import EXITED_STATES, UP_STATES, ProcessState
 
 
 class Phase(StrEnum):
@@ -109,6 +109,17 @@ class SupervisedProgram:
     def in_backoff(self) -> bool:
         """The agent holds its next start until ``next_start_at``."""
         return self.next_start_at is not None
+
+    def late_exit(self, to_state: ProcessState, pid: int | None) -> bool:
+        """An exit event of a predecessor that arrives after this live successor was adopted
+        (supervisord's answers, which a refresh reads, race its events): it says nothing of
+        this process, which must not be taken for the dead one."""
+        return (
+            to_state in EXITED_STATES
+            and pid is not None
+            and self.pid not in (None, pid)
+            and self.process_alive
+        )
 
     def adopt(self, pid: int, now: float) -> bool:
         """Record ``pid`` as its process; True when it is a new one (the old one's facts are

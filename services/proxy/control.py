@@ -79,13 +79,15 @@ class ProxyControl:
             and proxy.next_start_at is None
         ):
             proxy.restarts += 1
-        if to_state in EXITED_STATES:
+        late = proxy.late_exit(to_state, pid)
+        if to_state in EXITED_STATES and not late:
             proxy.pid_exited = True
         if to_state is ProcessState.FATAL:
             self._hold(time.time())
-        proxy.process_state = to_state
-        if pid:
-            self._adopt_pid(pid)
+        if not late:
+            proxy.process_state = to_state
+            if pid:
+                self._adopt_pid(pid)
         if to_state in UP_STATES:
             proxy.blocked_reason = None  # it runs: whatever held its ports let go
         self.state.changed()

@@ -75,3 +75,15 @@ async def test_a_late_exit_of_the_predecessor_leaves_its_live_successor_alone(
                                       False))
     assert inst.pid == 200 and not inst.process_alive
     await controller.stop()
+
+
+def test_only_an_exit_of_another_pid_while_the_adopted_one_lives_is_late() -> None:
+    inst = instance(0)
+    inst.process_state, inst.pid = ProcessState.STARTING, 200
+    assert inst.late_exit(ProcessState.EXITED, 100)
+    assert inst.late_exit(ProcessState.BACKOFF, 100)
+    assert not inst.late_exit(ProcessState.EXITED, 200)  # its own exit
+    assert not inst.late_exit(ProcessState.RUNNING, 100)  # not an exit
+    assert not inst.late_exit(ProcessState.EXITED, None)
+    inst.pid_exited = True  # the adopted one is dead too: the event is news
+    assert not inst.late_exit(ProcessState.EXITED, 100)
