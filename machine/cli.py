@@ -128,15 +128,14 @@ def _head_start() -> HeadStart | None:
         # Held from here to the end of `up` (_own takes the same lock again).
         acquire_workspace(workspace, "comfy-machine up")
         return try_head_start(os.environ, workspace)
-    except (MachineError, OSError) as exc:  # the boot proper reports what stands in the way
+    except Exception as exc:  # the boot goes on as without a record, and reports what is wrong
         import logging
 
-        logging.getLogger(__name__).info("no head start", extra={"fields": {"reason": str(exc)}})
-        return None
-    except Exception:  # a bug here must not stop the boot: it goes on as without a record
-        import logging
-
-        logging.getLogger(__name__).exception("no head start: it failed")
+        logger = logging.getLogger(__name__)
+        if isinstance(exc, MachineError | OSError):  # a busy workspace, say: the boot says so
+            logger.info("no head start", extra={"fields": {"reason": str(exc)}})
+        else:  # a bug here must not stop the boot
+            logger.exception("no head start: it failed")
         return None
 
 

@@ -144,6 +144,15 @@ class NodePlan:
         return INSTANCE_GROUP
 
     @property
+    def supervisor_pidfile(self) -> Path:
+        return self.run_dir / "supervisord.pid"
+
+    @property
+    def supervisor_output(self) -> Path:
+        """supervisord's own stdout and stderr (what it prints before its log is open)."""
+        return self.log_dir / "supervisord.out"
+
+    @property
     def instance_dirs(self) -> tuple[Path, Path]:
         """The directories every ComfyUI run is pointed at (``--output/--input-directory``):
         they must exist before it starts, or its nodes that read them fail to import."""

@@ -119,7 +119,7 @@ def render_conf(plan: NodePlan, autostart: Collection[str] = ()) -> str:
         f"logfile={_escape(str(plan.log_dir / 'supervisord.log'))}",
         "logfile_maxbytes=10MB",
         "logfile_backups=3",
-        f"pidfile={_escape(str(plan.run_dir / 'supervisord.pid'))}",
+        f"pidfile={_escape(str(plan.supervisor_pidfile))}",
         f"childlogdir={_escape(str(plan.log_dir))}",
         "identifier=comfy-machine",
         "",

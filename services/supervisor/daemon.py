@@ -19,6 +19,7 @@ from services.plan import NodePlan
 from services.supervisor.conf import render_conf
 from services.supervisor.head_start import AdoptedProcess, HeadStart
 from services.supervisor.launch import supervisord_argv
+from services.supervisor.pidfile import running_supervisord
 from services.supervisor.rpc import SupervisorRpc
 from services.workspace_lock import busy_message, live_owner
 
@@ -48,14 +49,10 @@ def reap_stale(plan: NodePlan, timeout: float) -> int | None:
     owner = live_owner(plan.workspace)
     if owner is not None:
         raise WorkspaceBusy(busy_message(plan.workspace, owner))
-    pidfile = plan.run_dir / "supervisord.pid"
-    try:
-        pid = int(pidfile.read_text().strip())
-        proc = psutil.Process(pid)
-        if str(plan.supervisor_conf) not in proc.cmdline():
-            return None
-    except (OSError, ValueError, psutil.Error):
+    proc = running_supervisord(plan.supervisor_pidfile, plan.supervisor_conf)
+    if proc is None:
         return None
+    pid = proc.pid
     log.warning("stopping stale supervisord", extra={"fields": {"pid": pid}})
     procs = _kill_tree(proc, signal.SIGTERM)
     for stopped in procs:  # a stopped process acts on SIGTERM only once continued
@@ -84,7 +81,7 @@ class Supervisord:
 
     @property
     def output_path(self) -> Path:
-        return self.plan.log_dir / "supervisord.out"
+        return self.plan.supervisor_output
 
     def prepare_dirs(self) -> None:
         """Create the 0700 run directory (sockets, conf, pidfile) and the log directory."""

@@ -39,6 +39,7 @@ from services.fdlimit import raise_fd_limit
 from services.files import atomic_write_text, open_private
 from services.ports import port_in_use
 from services.supervisor.launch import supervisord_argv
+from services.supervisor.pidfile import running_supervisord
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Record:
     files: tuple[str, ...]  # the files and directories its settings name
     workspace: str
     conf_path: str
+    pidfile: str  # supervisord's: a live one on this conf means no head start
     conf: str  # supervisord.conf with every instance started at once
     instances: tuple[str, ...]  # their program names
     output_path: str  # supervisord's stdout and stderr
@@ -158,11 +160,8 @@ def _why_not(record: Record, environ: Mapping[str, str]) -> str | None:
         holder = port_in_use(host, port)
         if holder:
             return f"port {port} is in use by {holder}"
-    pidfile = Path(record.conf_path).with_name("supervisord.pid")
-    with contextlib.suppress(OSError, ValueError):
-        cmdline = Path(f"/proc/{int(pidfile.read_text())}/cmdline").read_bytes()
-        if record.conf_path.encode() in cmdline:
-            return "a supervisord of this workspace is still running"
+    if running_supervisord(Path(record.pidfile), Path(record.conf_path)) is not None:
+        return "a supervisord of this workspace is still running"
     if record.extra_model_paths is not None:
         try:
             if Path(record.extra_model_paths).read_text() != record.extra_model_paths_yaml:

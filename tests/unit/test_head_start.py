@@ -24,7 +24,8 @@ NAMES = ("COMFYUI_ARGS", "NUM_GPUS")
 def a_record(workspace: Path) -> Record:
     return Record(
         digest="d" * 64, env_names=tuple(NAMES), files=(str(workspace),), workspace=str(workspace),
-        conf_path=str(workspace / "run" / "supervisord.conf"), conf="[supervisord]\n",
+        conf_path=str(workspace / "run" / "supervisord.conf"),
+        pidfile=str(workspace / "run" / "supervisord.pid"), conf="[supervisord]\n",
         instances=("comfyui-gpu0",), output_path=str(workspace / "logs" / "supervisord.out"),
         events_socket=str(workspace / "run" / "events.sock"), ports=(("127.0.0.1", 8188),),
         withheld_env=("HF_TOKEN",), dirs=(str(workspace / "output"),),
