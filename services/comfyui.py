@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The IEND chunk every PNG ends with (length 0, type, CRC): absent while one is being written.
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 class ComfyApiError(Exception):
@@ -99,3 +103,25 @@ def history_error(entry: dict[str, Any]) -> str:
                 f"{data.get('exception_type')}: {data.get('exception_message', '').strip()}"
             )
     return f"status {entry.get('status', {}).get('status_str')!r}"
+
+
+def saved_files(folder: Path, stem: str) -> list[Path]:
+    """The files SaveImage wrote for ``filename_prefix`` ``<subfolder>/<stem>`` (it names them
+    ``{stem}_{counter:05}_.png``), whole or not."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return [folder / n for n in names if n.startswith(f"{stem}_") and n.endswith("_.png")]
+
+
+def saved_image(folder: Path, stem: str) -> Path | None:
+    """The first whole PNG of :func:`saved_files`; None while there is none, or only a part."""
+    for path in saved_files(folder, stem):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if data.startswith(PNG_SIGNATURE) and data.endswith(PNG_END):
+            return path
+    return None

@@ -17,7 +17,14 @@ import aiohttp
 from pydantic import SecretStr
 
 from services import disk
-from services.comfyui import PNG_SIGNATURE, ComfyApiError, ComfyClient, history_error
+from services.comfyui import (
+    PNG_SIGNATURE,
+    ComfyApiError,
+    ComfyClient,
+    history_error,
+    saved_files,
+    saved_image,
+)
 from services.import_check import modules_loaded, parse_startup_log
 from services.logfile import read_end
 from services.models.instance_check import check_instance
@@ -124,10 +131,14 @@ class InstanceProber:
             await stop_feed(feed_task)
 
     async def _follow_answering(self, pid: int) -> None:
-        # The import check (ComfyUI's /object_info: ~0.15 s for real ComfyUI with node packs)
-        # runs while the smoke prompt does; the smoke's result is recorded only once the
-        # imports are, so health never says ready between a passed smoke prompt and a found
-        # import failure.
+        # ComfyUI ends its first prompt with a full gc.collect() that holds the GIL (~0.3 s for
+        # real ComfyUI with torch loaded), and every request it gets meanwhile waits: the model
+        # check's few requests go first, the smoke prompt's end is seen on disk (issue 14).
+        alive = lambda: self._alive(pid)  # noqa: E731
+        await check_instance(self._state, self._inst, self._client, alive)
+        # The import check runs while the smoke prompt does; the smoke's result is recorded
+        # only once the imports are, so health never says ready between a passed smoke prompt
+        # and a found import failure.
         imports = asyncio.ensure_future(self._check_imports(pid))
         try:
             await self._smoke(pid, imports_checked=imports)
@@ -141,8 +152,6 @@ class InstanceProber:
             if not disk.is_full(self._output_dir):
                 await self._smoke(pid)
         await self._public_smoke_when_due(pid)
-        alive = lambda: self._alive(pid)  # noqa: E731
-        await check_instance(self._state, self._inst, self._client, alive)
         while True:
             await self._sleep_while_alive(pid, self._settings.interval)
             if await self._probe(pid):  # re-checks models only when one was verified since
@@ -156,8 +165,9 @@ class InstanceProber:
             await self._state.wait_changed(remaining)
         self._check(pid)
 
-    async def _probe(self, pid: int) -> bool:
-        """One probe of /system_stats and /queue, recorded in the state."""
+    async def _probe(self, pid: int, starting: bool = False) -> bool:
+        """One probe of /system_stats and /queue, recorded in the state. ``starting``: the
+        process has not answered yet."""
         start = time.monotonic()
         # While the websocket feed is live its queue figures are newer: /queue is not asked
         # (half the requests of an idle node's probes: issue 14's idle CPU).
@@ -168,9 +178,13 @@ class InstanceProber:
         except (aiohttp.ClientError, TimeoutError, ComfyApiError, KeyError, ValueError) as exc:
             self._check(pid)
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            before = self._inst.last_probe
             self._inst.last_probe = ProbeResult(time.time(), False, time.monotonic() - start, error)
             self._inst.probe_failures += 1
-            self._state.changed()
+            # A starting process refuses the poll the same way 40 times a second: only a new
+            # error is news to the waiters (answers show the rest within their TTL).
+            if not starting or before is None or before.ok or before.error != error:
+                self._state.changed()
             return False
         self._check(pid)
         inst = self._inst
@@ -190,7 +204,7 @@ class InstanceProber:
     async def _wait_for_http(self, pid: int) -> None:
         # No start-up timeout: a live process may take minutes (cold caches, big node packs);
         # a dead one is noticed the moment supervisord or the pidfd says so.
-        while not await self._probe(pid):
+        while not await self._probe(pid, starting=True):
             await self._sleep_while_alive(pid, STARTUP_POLL_S)
         # Start-up failures before the first answer are not failures of a running instance.
         log.info(
@@ -215,15 +229,19 @@ class InstanceProber:
         else:
             inst.smoke = result
         self._state.changed()
-        # Its own file name through the proxy: the same prompt twice would be answered from
-        # ComfyUI's cache, naming the first run's image, which is removed by then.
-        prefix = f"{SMOKE_SUBFOLDER}/{inst.plan.name}{'-proxy' if public else ''}"
+        # A file name of its own each time: the same prompt twice would be answered from
+        # ComfyUI's cache, naming the first run's image (removed by then), and only this run
+        # can have written a file of that name.
+        stem = f"{inst.plan.name}{'-proxy' if public else ''}-{uuid.uuid4().hex[:12]}"
         try:
             prompt_id = await client.post_prompt(
-                smoke_prompt(prefix), f"comfy-machine-{uuid.uuid4()}"
+                smoke_prompt(f"{SMOKE_SUBFOLDER}/{stem}"), f"comfy-machine-{uuid.uuid4()}"
             )
             result.prompt_id = prompt_id
-            await self._await_smoke(pid, prompt_id, started, client)
+            if public:  # through the proxy, the image must come back through it too
+                await self._await_history(pid, prompt_id, started, client)
+            else:
+                await self._await_smoke(pid, prompt_id, started, stem)
         except (aiohttp.ClientError, TimeoutError, ComfyApiError, KeyError, ValueError) as exc:
             self._check(pid)
             if not public:
@@ -263,7 +281,29 @@ class InstanceProber:
         ) as session:
             await self._smoke(pid, ComfyClient(session, url, self._settings.timeout))
 
-    async def _await_smoke(
+    async def _await_smoke(self, pid: int, prompt_id: str, started: float, stem: str) -> None:
+        """Done when SaveImage's whole PNG is on disk, or when /history says how it ended.
+        The file comes first: ComfyUI's first prompt ends in a GIL-holding gc.collect()
+        (~0.3 s) that every request, /history's too, waits behind. The history decides when
+        the file never comes: an error, or an output folder other than the one we know."""
+        history = asyncio.ensure_future(self._await_history(pid, prompt_id, started, self._client))
+        folder = self._output_dir / SMOKE_SUBFOLDER
+        try:
+            while not history.done():
+                self._check(pid)
+                if await asyncio.to_thread(saved_image, folder, stem) is not None:
+                    return
+                await asyncio.wait({history}, timeout=HISTORY_POLL_S)
+            history.result()
+        finally:
+            history.cancel()
+            await asyncio.gather(history, return_exceptions=True)
+            # Ours, not the user's: the image, or what a failed write (a full disk) left.
+            for path in saved_files(folder, stem):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    async def _await_history(
         self, pid: int, prompt_id: str, started: float, client: ComfyClient
     ) -> None:
         deadline = started + self._settings.smoke_timeout
@@ -293,7 +333,8 @@ class InstanceProber:
 
     async def _check_imports(self, pid: int) -> None:
         """Which custom nodes this process loaded: its start-up log names each failure (the
-        HTTP API does not), /object_info shows what a loaded node registered."""
+        HTTP API does not); when the log cannot tell (rotated away), /object_info shows what a
+        loaded node registered."""
         nodes = [
             n
             for n in self._state.custom_nodes.values()
@@ -304,11 +345,14 @@ class InstanceProber:
         # The start-up block is near the end unless the log grew a lot since: 2 MiB is plenty.
         text = await asyncio.to_thread(read_end, self._inst.plan.log_path, 2 * 1024 * 1024)
         result = parse_startup_log(text)
-        try:
-            loaded = modules_loaded(await self._client.object_info())
-        except (aiohttp.ClientError, TimeoutError, ComfyApiError, ValueError) as exc:
-            log.warning("object_info unavailable", extra={"fields": {"error": str(exc)}})
-            loaded = set()
+        loaded: set[str] = set()
+        # Only when the log has no answer: building /object_info holds real ComfyUI's GIL for
+        # ~0.12 s, which the smoke prompt beside it would wait behind.
+        if not result.complete:
+            try:
+                loaded = modules_loaded(await self._client.object_info())
+            except (aiohttp.ClientError, TimeoutError, ComfyApiError, ValueError) as exc:
+                log.warning("object_info unavailable", extra={"fields": {"error": str(exc)}})
         self._check(pid)
         for node in nodes:
             error = result.failures.get(node.name)

@@ -202,6 +202,31 @@ def test_startup_delay_knob(start_standin: Any) -> None:
     assert standin.wait_ready() >= 0.4
 
 
+async def test_gc_pause_knob_holds_requests_after_the_first_prompt_only(
+    start_standin: Any,
+) -> None:
+    """Like ComfyUI's, the first prompt ends in a garbage collection that holds the GIL (the
+    knob says how long), the next one within 10 s in none."""
+    standin = start_standin(env={"COMFYUI_STANDIN_GC_PAUSE": "1.0"})
+    standin.wait_ready()
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                      "color": 0}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    async with aiohttp.ClientSession() as session:
+        elapsed = []
+        for _ in range(2):
+            started = time.monotonic()
+            _, body, _ = await fetch(
+                session, standin.url + "/prompt", method="POST", json={"prompt": prompt}
+            )
+            await wait_history(session, standin, body["prompt_id"])
+            await fetch(session, standin.url + "/system_stats")  # behind the collection
+            elapsed.append(time.monotonic() - started)
+    assert elapsed[0] >= 1.0 and elapsed[1] < 0.5, elapsed
+
+
 # ----------------------------------------------------------------------------- GET API
 
 

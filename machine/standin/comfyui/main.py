@@ -18,9 +18,12 @@ Signals: SIGINT stops cleanly (blank line, ``Stopped server``, exit 0); SIGTERM 
 default action and kills the process at once, as with ComfyUI. A busy port fails at bind
 with asyncio's ``address already in use`` OSError traceback and exit code 1.
 
-Test knob (the only one): the environment variable ``COMFYUI_STANDIN_STARTUP_DELAY``
-(float seconds, default 0) sleeps before the port is bound, to imitate the 6-7 s that
-real ComfyUI needs to start, e.g. in benchmarks of readiness checks.
+Test knobs, environment variables in float seconds (default 0):
+``COMFYUI_STANDIN_STARTUP_DELAY`` sleeps before the port is bound, to imitate the 6-7 s that
+real ComfyUI needs to start, e.g. in benchmarks of readiness checks;
+``COMFYUI_STANDIN_GC_PAUSE`` is how long the garbage collection after a prompt (ComfyUI's:
+after the first prompt, then at most every 10 s) holds the GIL, which real ComfyUI's does for
+~0.3 s with torch loaded: requests wait meanwhile.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from execution import PromptExecutor, prompt_worker
 from server import COMFYUI_VERSION, PYTORCH_VERSION, PromptServer, memory_info
 
 STARTUP_DELAY_ENV = "COMFYUI_STANDIN_STARTUP_DELAY"
+GC_PAUSE_ENV = "COMFYUI_STANDIN_GC_PAUSE"
 
 
 def apply_custom_paths(args: argparse.Namespace) -> None:
@@ -85,15 +89,15 @@ def cleanup_temp() -> None:
     shutil.rmtree(model_paths.get_temp_directory(), ignore_errors=True)
 
 
-def startup_delay() -> float:
-    """Seconds to sleep before binding, from ``COMFYUI_STANDIN_STARTUP_DELAY``."""
-    raw = os.environ.get(STARTUP_DELAY_ENV, "").strip()
+def seconds_from_env(name: str) -> float:
+    """A test knob's seconds (see above); 0 when unset or not a number."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
         return 0.0
     try:
         return max(0.0, float(raw))
     except ValueError:
-        logging.warning(f"Ignoring {STARTUP_DELAY_ENV}={raw!r}: not a number of seconds")
+        logging.warning(f"Ignoring {name}={raw!r}: not a number of seconds")
         return 0.0
 
 
@@ -131,13 +135,13 @@ async def run(args: argparse.Namespace, server: PromptServer) -> None:
     executor = PromptExecutor(server, cache_enabled=not args.cache_none)
     threading.Thread(
         target=prompt_worker,
-        args=(server.prompt_queue, server, executor),
+        args=(server.prompt_queue, server, executor, seconds_from_env(GC_PAUSE_ENV)),
         name="prompt_worker",
         daemon=True,  # SIGINT exits without waiting for a running prompt, like ComfyUI
     ).start()
     publisher = asyncio.create_task(server.publish_loop())
 
-    delay = startup_delay()
+    delay = seconds_from_env(STARTUP_DELAY_ENV)
     if delay:
         await asyncio.sleep(delay)
 
