@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,3 +126,10 @@ def saved_image(folder: Path, stem: str) -> Path | None:
         if data.startswith(PNG_SIGNATURE) and data.endswith(PNG_END):
             return path
     return None
+
+
+def remove_saved(folder: Path, stem: str) -> None:
+    """Remove every file of :func:`saved_files` (whatever cannot be removed stays)."""
+    for path in saved_files(folder, stem):
+        with contextlib.suppress(OSError):
+            path.unlink()

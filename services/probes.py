@@ -22,7 +22,7 @@ from services.comfyui import (
     ComfyApiError,
     ComfyClient,
     history_error,
-    saved_files,
+    remove_saved,
     saved_image,
 )
 from services.import_check import modules_loaded, parse_startup_log
@@ -46,6 +46,8 @@ SMOKE_SUBFOLDER = "comfy-machine-smoke"
 # boot's overhead over ComfyUI's own start).
 STARTUP_POLL_S = 0.025
 HISTORY_POLL_S = 0.02
+# How long a smoke waits for its image to be removed (a stalled disk must not hold it).
+SMOKE_CLEANUP_WAIT_S = 1.0
 
 
 def smoke_prompt(prefix: str) -> dict:
@@ -289,19 +291,24 @@ class InstanceProber:
         history = asyncio.ensure_future(self._await_history(pid, prompt_id, started, self._client))
         folder = self._output_dir / SMOKE_SUBFOLDER
         try:
-            while not history.done():
+            while True:
                 self._check(pid)
-                if await asyncio.to_thread(saved_image, folder, stem) is not None:
+                # Raced with the history: a look that hangs (a stalled disk) ends with it, by
+                # SMOKE_TIMEOUT at the latest.
+                look = asyncio.ensure_future(asyncio.to_thread(saved_image, folder, stem))
+                await asyncio.wait({look, history}, return_when=asyncio.FIRST_COMPLETED)
+                if look.done() and look.result() is not None:
+                    return
+                if history.done():
+                    history.result()
                     return
                 await asyncio.wait({history}, timeout=HISTORY_POLL_S)
-            history.result()
         finally:
             history.cancel()
             await asyncio.gather(history, return_exceptions=True)
             # Ours, not the user's: the image, or what a failed write (a full disk) left.
-            for path in saved_files(folder, stem):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            removed = asyncio.ensure_future(asyncio.to_thread(remove_saved, folder, stem))
+            await asyncio.wait({removed}, timeout=SMOKE_CLEANUP_WAIT_S)
 
     async def _await_history(
         self, pid: int, prompt_id: str, started: float, client: ComfyClient
