@@ -24,31 +24,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support import http_json, wait_until  # noqa: E402
+
 POLL_S = 0.01
-
-
-def answer(url: str, token: str | None) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=2) as resp:
-            return resp.status, json.loads(resp.read())
-    except (OSError, ValueError):
-        return 0, {}
-
-
-def wait_for(check: Any, limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"not there after {limit:.0f} s")
-        time.sleep(POLL_S)
 
 
 def agent(*args: str) -> list[str]:
@@ -61,7 +46,8 @@ def bare_start(inst: dict[str, Any], limit: float) -> float:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        wait_for(lambda: answer(inst["url"] + "/system_stats", None)[0] == 200, limit)
+        wait_until(lambda: http_json(inst["url"] + "/system_stats", 2)[0] == 200, limit,
+                   "the bare instance answering", interval=POLL_S)
         return time.monotonic() - started
     finally:
         proc.send_signal(signal.SIGINT)
@@ -81,12 +67,12 @@ def spawned_at(supervisord_log: Path, name: str) -> float | None:
 def warm_up(plan: dict[str, Any], log_path: Path, limit: float) -> dict[str, Any]:
     host = plan["health_listen"] if plan["health_listen"] not in ("0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{host}:{plan['health_port']}/health/comfyui"
-    token = os.environ.get("MACHINE_HEALTH_TOKEN")
     wall, started = time.time(), time.monotonic()
     with log_path.open("w") as log:
         proc = subprocess.Popen(agent("up"), stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: answer(url, token)[1].get("status") == "ready", limit)
+        wait_until(lambda: http_json(url, 2)[1].get("status") == "ready", limit, "up ready",
+                   interval=POLL_S)
         took = time.monotonic() - started
     finally:
         proc.send_signal(signal.SIGINT)

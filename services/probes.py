@@ -46,7 +46,7 @@ SMOKE_SUBFOLDER = "comfy-machine-smoke"
 # boot's overhead over ComfyUI's own start).
 STARTUP_POLL_S = 0.025
 HISTORY_POLL_S = 0.02
-# How long a smoke waits for its image to be removed (a stalled disk must not hold it).
+# How long a smoke waits for its files to be removed (a stalled disk must not hold it).
 SMOKE_CLEANUP_WAIT_S = 1.0
 
 
@@ -240,10 +240,13 @@ class InstanceProber:
                 smoke_prompt(f"{SMOKE_SUBFOLDER}/{stem}"), f"comfy-machine-{uuid.uuid4()}"
             )
             result.prompt_id = prompt_id
-            if public:  # through the proxy, the image must come back through it too
-                await self._await_history(pid, prompt_id, started, client)
-            else:
-                await self._await_smoke(pid, prompt_id, started, stem)
+            try:
+                if public:  # through the proxy, the image must come back through it too
+                    await self._await_history(pid, prompt_id, started, client)
+                else:
+                    await self._await_smoke(pid, prompt_id, started, stem)
+            finally:
+                await self._remove_smoke_files(stem)
         except (aiohttp.ClientError, TimeoutError, ComfyApiError, KeyError, ValueError) as exc:
             self._check(pid)
             if not public:
@@ -306,9 +309,14 @@ class InstanceProber:
         finally:
             history.cancel()
             await asyncio.gather(history, return_exceptions=True)
-            # Ours, not the user's: the image, or what a failed write (a full disk) left.
-            removed = asyncio.ensure_future(asyncio.to_thread(remove_saved, folder, stem))
-            await asyncio.wait({removed}, timeout=SMOKE_CLEANUP_WAIT_S)
+
+    async def _remove_smoke_files(self, stem: str) -> None:
+        """Smoke images are ours, not the user's: the image, or what a failed write (a full
+        disk) left, goes from the shared output folder (in a thread, waited for a bounded
+        time: a stalled disk must not hold the smoke)."""
+        folder = self._output_dir / SMOKE_SUBFOLDER
+        removed = asyncio.ensure_future(asyncio.to_thread(remove_saved, folder, stem))
+        await asyncio.wait({removed}, timeout=SMOKE_CLEANUP_WAIT_S)
 
     async def _await_history(
         self, pid: int, prompt_id: str, started: float, client: ComfyClient
@@ -333,10 +341,6 @@ class InstanceProber:
         data = await client.view(image["filename"], image["subfolder"], image["type"])
         if not data.startswith(PNG_SIGNATURE):
             raise ComfyApiError(f"/view returned {len(data)} bytes that are not a PNG")
-        # Smoke images are ours, not the user's: remove them from the shared output folder.
-        if image["type"] == "output":
-            with contextlib.suppress(OSError):
-                (self._output_dir / image["subfolder"] / image["filename"]).unlink()
 
     async def _check_imports(self, pid: int) -> None:
         """Which custom nodes this process loaded: its start-up log names each failure (the
